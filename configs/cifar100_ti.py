@@ -1,0 +1,24 @@
+"""Mixer-Ti/4 (1.14M parameters) from scratch on CIFAR-100: the config for 2 CPU cores.
+
+  python train.py --config=configs/cifar100_ti.py --workdir=/tmp/ti
+  python train.py --config=configs/cifar100_ti.py:smoke --workdir=/tmp/smoke   # 1-2 minutes
+
+Measured: not measured yet.
+"""
+from mixer import config_lib
+
+
+def get_config(arg=None):
+  config = config_lib.base_config()
+  config.model.variant = "Ti/4"
+  config.model.stoch_depth = 0.0
+  config.batch_size = 128
+  config.num_epochs = 10
+  config.learning_rate = 2e-3
+  config.weight_decay = 0.05
+  config.warmup_epochs = 1.0
+  config.label_smoothing = 0.1
+  config.log_every_steps = 50
+  config.eval_every_steps = 390
+  config.checkpoint_every_steps = 390
+  return config_lib.apply_arg(config, arg)

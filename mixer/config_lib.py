@@ -1,0 +1,109 @@
+"""The training config: defaults shared by every `configs/*.py`, the `:smoke` argument, validation.
+
+Every key a user may set is declared here (ml_collections rejects unknown keys), so a
+mistyped `--config.key=value` fails before any work.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from mixer import models
+
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "linear")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults; each experiment file changes what it needs."""
+  c = ml_collections.ConfigDict()
+  c.dataset = "cifar100"
+  c.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR, else TFDS's default.
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.image_size = 32  # model input; images are resized on device when the data differs.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "S/4"
+  c.model.stoch_depth = 0.0
+  c.model.dropout = 0.0
+  c.model.dtype = "float32"  # compute dtype; parameters stay float32.
+
+  c.batch_size = 128  # global, over all devices and processes.
+  c.eval_batch_size = 500
+  c.num_epochs = 100
+  c.total_steps = 0  # > 0 overrides num_epochs.
+  c.optimizer = "adamw"
+  c.learning_rate = 1e-3
+  c.momentum = 0.9  # sgd only.
+  c.weight_decay = 0.05  # kernels only.
+  c.warmup_epochs = 5.0
+  c.lr_schedule = "cosine"
+  c.grad_clip_norm = 1.0  # 0 disables clipping.
+  c.label_smoothing = 0.1
+  c.grad_accum_steps = 1
+
+  c.augment = True  # random crop (4-pixel padding) + horizontal flip.
+  c.mixup_alpha = 0.0
+  c.cutmix_alpha = 0.0
+
+  c.seed = 0
+  c.log_every_steps = 100
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  return c
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the config-file argument: `smoke` shrinks any config to a 1-2 minute CPU run."""
+  if not arg:
+    return config
+  if arg != "smoke":
+    raise ValueError(f"Unknown config argument {arg!r}; supported: 'smoke'.")
+  config.total_steps = 60
+  config.batch_size = 64
+  config.eval_batch_size = 500
+  config.warmup_epochs = 0.0
+  config.log_every_steps = 10
+  config.eval_every_steps = 30
+  config.checkpoint_every_steps = 30
+  size, _, patch = config.model.variant.partition("/")
+  if size not in ("Ti",):
+    config.model.variant = f"Ti/{patch}"
+  return config
+
+
+def _check(ok: bool, key: str, value, why: str) -> None:
+  if not ok:
+    raise ValueError(f"config.{key}={value!r} is invalid: {why}.")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key for any bad value."""
+  try:
+    models.parse_variant(c.model.variant)
+  except ValueError as e:
+    raise ValueError(f"config.model.variant: {e}") from None
+  patch = models.parse_variant(c.model.variant)["patch_size"]
+  _check(c.image_size > 0 and c.image_size % patch == 0, "image_size", c.image_size,
+         f"must be a positive multiple of the patch size {patch}")
+  _check(c.model.dtype in DTYPES, "model.dtype", c.model.dtype, f"expected one of {DTYPES}")
+  _check(0.0 <= c.model.stoch_depth < 1.0, "model.stoch_depth", c.model.stoch_depth, "need 0 <= p < 1")
+  _check(0.0 <= c.model.dropout < 1.0, "model.dropout", c.model.dropout, "need 0 <= p < 1")
+  for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every_steps",
+              "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _check(c[key] >= 1, key, c[key], "must be >= 1")
+  _check(c.batch_size % c.grad_accum_steps == 0, "grad_accum_steps", c.grad_accum_steps,
+         f"must divide batch_size={c.batch_size}")
+  _check(c.total_steps > 0 or c.num_epochs > 0, "num_epochs", c.num_epochs,
+         "must be > 0 unless total_steps > 0")
+  _check(c.optimizer in OPTIMIZERS, "optimizer", c.optimizer, f"expected one of {OPTIMIZERS}")
+  _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule", c.lr_schedule,
+         f"expected one of {LR_SCHEDULES}")
+  _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "must be > 0")
+  for key in ("weight_decay", "warmup_epochs", "grad_clip_norm", "mixup_alpha", "cutmix_alpha",
+              "momentum"):
+    _check(c[key] >= 0, key, c[key], "must be >= 0")
+  _check(0.0 <= c.label_smoothing < 1.0, "label_smoothing", c.label_smoothing, "need 0 <= x < 1")

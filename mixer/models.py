@@ -1,0 +1,152 @@
+"""MLP-Mixer (Tolstikhin et al. 2021, arXiv 2105.01601) in Flax Linen.
+
+The parameter tree matches the published Mixer `.npz` checkpoints exactly:
+`stem`, `MixerBlock_{i}/{LayerNorm_0, token_mixing/Dense_{0,1}, LayerNorm_1,
+channel_mixing/Dense_{0,1}}`, `pre_head_layer_norm`, `head`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# size -> (hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim)
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (128, 8, 64, 512),  # ~1.1M params at 32px/4: trains on 2 CPU cores.
+    "XS": (256, 8, 128, 1024),  # ~4.3M params at 32px/4.
+    "S": (512, 8, 256, 2048),
+    "B": (768, 12, 384, 3072),
+    "L": (1024, 24, 512, 4096),
+    "H": (1280, 32, 640, 5120),
+}
+LN_EPSILON = 1e-6
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU (tanh approximation) -> Dense back to the input width."""
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    width = x.shape[-1]
+    dense = lambda features: nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.gelu(dense(self.mlp_dim)(x))
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = dense(width)(y)
+    return nn.Dropout(self.dropout)(y, deterministic=not train)
+
+
+class MixerBlock(nn.Module):
+  """Token mixing then channel mixing, each pre-LayerNorm with a residual."""
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  drop_path: float = 0.0  # stochastic-depth rate of this block
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    # One keep/drop decision per example, shared by all its tokens and channels.
+    drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
+    y = nn.LayerNorm(epsilon=LN_EPSILON, **kw)(x)
+    y = jnp.swapaxes(y, 1, 2)
+    y = MlpBlock(self.tokens_mlp_dim, self.dropout, name="token_mixing", **kw)(y, train)
+    y = jnp.swapaxes(y, 1, 2)
+    x = x + drop_path(y, deterministic=not train)
+    y = nn.LayerNorm(epsilon=LN_EPSILON, **kw)(x)
+    y = MlpBlock(self.channels_mlp_dim, self.dropout, name="channel_mixing", **kw)(y, train)
+    return x + drop_path(y, deterministic=not train)
+
+
+class MlpMixer(nn.Module):
+  """Patch stem, Mixer blocks, pre-head LayerNorm, mean pooling, zero-init head.
+
+  Returns logits of shape (batch, num_classes), or the pooled features of shape
+  (batch, hidden_dim) when `num_classes == 0`.
+  """
+  num_classes: int
+  patch_size: int
+  hidden_dim: int
+  num_blocks: int
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  stoch_depth: float = 0.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    if images.ndim != 4:
+      raise ValueError(f"MlpMixer expects NHWC images, got shape {images.shape}.")
+    _, height, width, _ = images.shape
+    p = self.patch_size
+    if height % p or width % p:
+      raise ValueError(
+          f"Image size {height}x{width} is not divisible by the patch size {p}; "
+          "resize the images (config.image_size) or pick another patch size.")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding="VALID", name="stem", **kw)(
+        images.astype(self.dtype))
+    x = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, channels)
+    for i in range(self.num_blocks):
+      rate = self.stoch_depth * i / max(self.num_blocks - 1, 1)
+      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dropout,
+                     name=f"MixerBlock_{i}", **kw)(x, train)
+    x = nn.LayerNorm(epsilon=LN_EPSILON, name="pre_head_layer_norm", **kw)(x)
+    x = jnp.mean(x, axis=1)
+    if self.num_classes == 0:
+      return x
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head", **kw)(x)
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+  """'B/16' -> dict(patch_size=16, hidden_dim=768, num_blocks=12, ...)."""
+  size, sep, patch = variant.partition("/")
+  if not sep or size not in SIZES or not patch.isdigit() or int(patch) < 1:
+    raise ValueError(
+        f"Unknown Mixer variant {variant!r}: expected SIZE/PATCH with SIZE one of "
+        f"{', '.join(SIZES)} and PATCH a positive integer, e.g. 'S/16' or 'B/4'.")
+  hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim = SIZES[size]
+  return dict(patch_size=int(patch), hidden_dim=hidden_dim, num_blocks=num_blocks,
+              tokens_mlp_dim=tokens_mlp_dim, channels_mlp_dim=channels_mlp_dim)
+
+
+OVERRIDES = ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim", "stoch_depth",
+             "dropout", "dtype", "param_dtype")
+
+
+def create_model(variant: str, num_classes: int, **overrides: Any) -> MlpMixer:
+  """Builds a Mixer by variant name; explicit keyword arguments win over the size's defaults."""
+  unknown = sorted(set(overrides) - set(OVERRIDES))
+  if unknown:
+    raise TypeError(f"create_model got unknown overrides {unknown}; allowed: {list(OVERRIDES)}.")
+  if num_classes < 0:
+    raise ValueError(f"num_classes must be >= 0, got {num_classes}.")
+  kwargs = parse_variant(variant)
+  kwargs.update({k: v for k, v in overrides.items() if v is not None})
+  for key in ("dtype", "param_dtype"):
+    if isinstance(kwargs.get(key), str):
+      kwargs[key] = jnp.dtype(kwargs[key])
+  return MlpMixer(num_classes=num_classes, **kwargs)
+
+
+def count_params(model: nn.Module, image_size: int, channels: int = 3) -> int:
+  """Number of parameters, computed from shapes only (nothing is allocated)."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+  return sum(int(x.size) for x in jax.tree.leaves(shapes["params"]))
+
+
+def model_fields(model: MlpMixer) -> dict[str, Any]:
+  """The module's constructor arguments, e.g. for logging or rebuilding it."""
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+          if f.name not in ("parent", "name")}

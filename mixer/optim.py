@@ -1,0 +1,43 @@
+"""Optimizers and learning-rate schedules built from the config (optax)."""
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """Linear warmup from 0, then cosine or linear decay to 0 at `total_steps`."""
+  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup, 1)
+  peak = config.learning_rate
+  if config.lr_schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps)
+  else:
+    decay = optax.linear_schedule(peak, 0.0, decay_steps)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+  """Weight decay applies to kernels only (not biases or LayerNorm scales)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW or SGD with momentum; decoupled decay on kernels."""
+  parts = []
+  if config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.optimizer == "adamw":
+    parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
+  elif config.optimizer == "sgd":
+    if config.weight_decay > 0:
+      parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+    parts.append(optax.sgd(schedule, momentum=config.momentum or None))
+  else:
+    raise ValueError(f"config.optimizer={config.optimizer!r}: expected 'adamw' or 'sgd'.")
+  return optax.chain(*parts)

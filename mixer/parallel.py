@@ -1,0 +1,36 @@
+"""The device mesh and shardings: one `data` axis over every device of every process."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over all devices (all processes); the batch is split along it."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
+  """Shards axis `leading_dims` (the batch axis) along `data`."""
+  return NamedSharding(mesh, P(*([None] * leading_dims), DATA_AXIS))
+
+
+def check_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+  devices = mesh.devices.size
+  if batch_size % devices:
+    raise ValueError(
+        f"config.{what}={batch_size} is not divisible by the number of devices ({devices}, "
+        f"over {jax.process_count()} process(es)); pick a multiple of {devices}.")
+
+
+def put_replicated(array: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array copied to every device; works with several processes (each holds it all)."""
+  sharding = replicated(mesh)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

@@ -1,0 +1,277 @@
+"""Training and evaluation: the jitted steps and `train_and_evaluate(config, workdir)`.
+
+Data flow: TFDS split -> uint8 host arrays -> replicated on every device (once) -> each
+step gathers its examples by `data.batch_indices(seed, step)` inside the jitted step,
+shards them along the mesh's `data` axis, augments them keyed by (seed, step), and
+updates the replicated parameters. The host only syncs at log, eval and checkpoint steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import periodic_actions
+
+from mixer import augment, checkpoints, config_lib, data, metrics, models, optim, parallel
+
+INIT_SEED_SALT = 0x5EED  # keeps the init rng apart from the per-step rngs.
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # number of updates applied so far, int32
+  params: Any
+  opt_state: Any
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.MlpMixer:
+  m = config.model
+  return models.create_model(m.variant, num_classes, stoch_depth=m.stoch_depth,
+                             dropout=m.dropout, dtype=m.dtype)
+
+
+def init_params(model: models.MlpMixer, image_size: int, seed: int) -> Any:
+  key = jax.random.fold_in(jax.random.key(seed), INIT_SEED_SALT)
+  return model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False)["params"]
+
+
+def make_train_step(model: models.MlpMixer, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, num_examples: int, num_classes: int,
+                    mesh: jax.sharding.Mesh) -> Callable:
+  """(state, train_images, train_labels) -> (state, [loss, top1, grad_norm])."""
+  batch, accum = config.batch_size, config.grad_accum_steps
+
+  def loss_fn(params, images, targets, labels, key):
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+    loss = metrics.cross_entropy(logits, targets).mean()
+    return loss, metrics.topk_correct(logits, labels, 1).mean()
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulated_grads(params, images, targets, labels, key):
+    # Microbatch i takes rows i, i+accum, ...: each device keeps its own rows.
+    split = lambda x: jax.lax.with_sharding_constraint(
+        x.reshape((batch // accum, accum) + x.shape[1:]).swapaxes(0, 1),
+        parallel.batch_sharded(mesh, leading_dims=1))
+    def body(carry, micro):
+      i, x, t, y = micro
+      (loss, top1), grads = grad_fn(params, x, t, y, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, (loss, top1, grads)), None
+    zeros = (0.0, 0.0, jax.tree.map(jnp.zeros_like, params))
+    micro = (jnp.arange(accum), split(images), split(targets), split(labels))
+    (loss, top1, grads), _ = jax.lax.scan(body, zeros, micro)
+    return (loss / accum, top1 / accum), jax.tree.map(lambda g: g / accum, grads)
+
+  def train_step(state: TrainState, all_images: jax.Array, all_labels: jax.Array):
+    indices = data.batch_indices(config.seed, state.step, num_examples, batch)
+    shard = lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))
+    images, labels = shard(all_images[indices]), shard(all_labels[indices])
+    k_crop, k_mix, k_drop = jax.random.split(
+        jax.random.fold_in(jax.random.key(config.seed), state.step), 3)
+    if config.augment:
+      images = augment.random_crop_flip(k_crop, images)
+    images = data.to_float(images, config.image_size)
+    targets = augment.soft_targets(labels, num_classes, config.label_smoothing)
+    images, targets = augment.mixup_cutmix(k_mix, images, targets, config.mixup_alpha,
+                                           config.cutmix_alpha)
+    if accum == 1:
+      (loss, top1), grads = grad_fn(state.params, images, targets, labels, k_drop)
+    else:
+      (loss, top1), grads = accumulated_grads(state.params, images, targets, labels, k_drop)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, opt_state=opt_state,
+                              params=optax.apply_updates(state.params, updates))
+    return new_state, jnp.stack([loss, top1, optax.global_norm(grads)])
+
+  return train_step
+
+
+def make_eval_step(model: models.MlpMixer, image_size: int, batch_size: int,
+                   mesh: jax.sharding.Mesh) -> Callable:
+  """(params, images, labels, mask, index) -> logits and masked sums of loss/top1/top5/count."""
+  def eval_step(params, all_images, all_labels, all_mask, index):
+    shard = lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))
+    images, labels, mask = map(shard, data.eval_batch(all_images, all_labels, all_mask, index,
+                                                      batch_size))
+    logits = model.apply({"params": params}, data.to_float(images, image_size), train=False)
+    logits = logits.astype(jnp.float32)
+    loss = metrics.cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
+    top5 = metrics.topk_correct(logits, labels, min(5, logits.shape[-1]))
+    sums = jnp.stack([jnp.sum(loss * mask), jnp.sum(metrics.topk_correct(logits, labels, 1) * mask),
+                      jnp.sum(top5 * mask), jnp.sum(mask)])
+    return logits, sums
+  return eval_step
+
+
+class Evaluator:
+  """Evaluates params on a whole split, each example exactly once (padded batches + mask)."""
+
+  def __init__(self, model: models.MlpMixer, split: data.Split, image_size: int, batch_size: int,
+               mesh: jax.sharding.Mesh):
+    parallel.check_divisible(batch_size, mesh, "eval_batch_size")
+    images, labels, mask = data.pad_to_multiple(split, batch_size)
+    self.arrays = [parallel.put_replicated(a, mesh) for a in (images, labels, mask)]
+    self.num_batches = len(labels) // batch_size
+    self.num_examples = len(split)
+    self.step = jax.jit(make_eval_step(model, image_size, batch_size, mesh),
+                        out_shardings=parallel.replicated(mesh))
+
+  def __call__(self, params: Any, keep_logits: bool = False) -> dict[str, Any]:
+    sums, logits = 0.0, []
+    for i in range(self.num_batches):
+      batch_logits, batch_sums = self.step(params, *self.arrays, np.int32(i))
+      sums = sums + batch_sums
+      if keep_logits:
+        logits.append(batch_logits)
+    loss, top1, top5, count = np.asarray(jax.device_get(sums), np.float64)
+    result = {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count,
+              "eval/num_examples": int(count)}
+    if keep_logits:
+      result["logits"] = np.concatenate(jax.device_get(logits))[: self.num_examples]
+    return result
+
+
+class _StopSignal:
+  """Records SIGTERM so that the loop can finish its step, save and exit cleanly."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: finishing the current step, then saving.")
+    self.received = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    if old != new:
+      logging.warning("The config differs from the one in %s; continuing with the new one.", path)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(new, f, indent=2, sort_keys=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) a run in `workdir`; returns the final evaluation metrics."""
+  config_lib.validate(config)
+  mesh = parallel.make_mesh()
+  parallel.check_divisible(config.batch_size // config.grad_accum_steps, mesh,
+                           "batch_size // config.grad_accum_steps")
+  parallel.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
+  os.makedirs(workdir, exist_ok=True)
+  train_split = data.load_split(config.dataset, config.train_split, config.data_dir)
+  eval_split = data.load_split(config.dataset, config.eval_split, config.data_dir)
+  per_epoch = data.steps_per_epoch(len(train_split), config.batch_size)
+  total_steps = config.total_steps if config.total_steps > 0 else config.num_epochs * per_epoch
+  model = build_model(config, train_split.num_classes)
+  schedule = optim.learning_rate_schedule(config, total_steps, per_epoch)
+  tx = optim.make_optimizer(config, schedule)
+
+  def create_state():
+    params = init_params(model, config.image_size, config.seed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  init_state = jax.jit(create_state, out_shardings=parallel.replicated(mesh))
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
+      jax.eval_shape(create_state))
+  ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
+  restored = ckpt.restore_latest_good(abstract)
+  start_step, state = restored if restored else (0, None)
+  if start_step >= total_steps:
+    logging.info("Run in %s already finished (step %d of %d); nothing to do.", workdir,
+                 start_step, total_steps)
+    ckpt.close()
+    return {"step": start_step, "already_finished": True}
+  if state is None:
+    state = init_state()
+  else:
+    logging.info("Resuming from the checkpoint at step %d.", start_step)
+  if jax.process_index() == 0:
+    _save_config(config, workdir)
+    metrics.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
+  writer = metrics.create_writer(workdir)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("Mixer %s: %d parameters; %d steps (%d per epoch), batch %d on %d device(s).",
+               config.model.variant, num_params, total_steps, per_epoch, config.batch_size,
+               mesh.devices.size)
+
+  train_images = parallel.put_replicated(train_split.images, mesh)
+  train_labels = parallel.put_replicated(train_split.labels, mesh)
+  evaluator = Evaluator(model, eval_split, config.image_size, config.eval_batch_size, mesh)
+  step_fn = jax.jit(
+      make_train_step(model, tx, config, len(train_split), train_split.num_classes, mesh),
+      donate_argnums=0, out_shardings=parallel.replicated(mesh))
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)
+  stop = _StopSignal()
+  pending, window_start, window_time = [], start_step, time.time()
+  eval_result: dict[str, Any] = {}
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      state, step_metrics = step_fn(state, train_images, train_labels)
+      pending.append(step_metrics)
+      if step == start_step + 1:  # Keep compilation out of img/s.
+        jax.block_until_ready(state)
+        logging.info("First step (with compilation) took %.1fs.", time.time() - window_time)
+        pending, window_start, window_time = [], step, time.time()
+      report(step)
+      is_last, stopping = step == total_steps, stop.received
+      eval_due = step % config.eval_every_steps == 0 or is_last
+      save_due = step % config.checkpoint_every_steps == 0 or is_last or stopping
+      if pending and (step % config.log_every_steps == 0 or eval_due or save_due):
+        loss, top1, grad_norm = np.mean(jax.device_get(pending), axis=0)
+        if not np.isfinite(loss):
+          raise FloatingPointError(
+              f"Training loss became non-finite between steps {window_start + 1} and {step}; "
+              f"stopping. The last good checkpoint (step {ckpt.latest_step()}) is kept. Try a "
+              "lower learning_rate or grad_clip_norm.")
+        elapsed = time.time() - window_time
+        writer.write_scalars(step, {
+            "train/loss": loss, "train/top1": top1, "grad_norm": grad_norm,
+            "lr": float(schedule(step - 1)),
+            "img_per_sec": (step - window_start) * config.batch_size / max(elapsed, 1e-9)})
+        pending = []
+      step_eval = None
+      if eval_due:
+        step_eval = evaluator(state.params)
+        writer.write_scalars(step, step_eval)
+        eval_result = dict(step_eval, step=step)
+        logging.info("Step %d: eval/top1 %.4f, eval/loss %.4f.", step, step_eval["eval/top1"],
+                     step_eval["eval/loss"])
+      if save_due:
+        ckpt.save(step, state, metrics=step_eval)
+      if step_eval or save_due:
+        window_start, window_time = step, time.time()
+      if stopping and not is_last:
+        logging.warning("Stopped by SIGTERM after step %d, checkpoint saved; run the same "
+                        "command to resume.", step)
+        eval_result = {"step": step, "stopped": True}
+        break
+  finally:
+    writer.flush()
+    ckpt.close()
+    stop.restore()
+  return eval_result

@@ -1,0 +1,31 @@
+"""Installs the `mixer` library (the configs and entry scripts run from the checkout)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mixer",
+    version="0.1.0",
+    description="MLP-Mixer research code in JAX/Flax: train, fine-tune, evaluate, sweep.",
+    packages=find_packages(include=["mixer", "mixer.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10,<0.11",  # CPU by default; see extras and the README for CUDA/TPU.
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "ml_collections>=1.0",
+        "clu==0.0.12",
+        "tensorflow-datasets>=4.9,<4.10",
+        "tensorflow-cpu>=2.21,<2.22",  # tf.data/TFDS only; never on the accelerator.
+        "tensorboard>=2.21,<2.22",  # clu's metric writers import it.
+        "importlib_resources",  # TFDS needs it to build datasets.
+        "numpy",
+        "matplotlib",
+        "pillow",
+        "absl-py",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "cuda": ["jax[cuda12]>=0.10,<0.11"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+    },
+)

@@ -1,0 +1,39 @@
+"""Trains a Mixer: python train.py --config=configs/cifar100_s.py --workdir=DIR.
+
+Running the same command again resumes from the latest checkpoint in DIR.
+Several processes (hosts): pass --num_processes, --process_id, --coordinator_address.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/cifar100_s.py", "Experiment config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.",
+                    required=True)
+flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+FLAGS = flags.FLAGS
+
+
+def _quiet_orbax(record) -> bool:
+  """Orbax logs every file it writes at INFO; keep its warnings only."""
+  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.num_processes > 1:
+    if jax.config.jax_platforms in (None, "", "cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from mixer import train_lib  # pylint: disable=g-import-not-at-top
+  result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  logging.info("Done: %s", {k: v for k, v in result.items() if k != "logits"})
+
+
+if __name__ == "__main__":
+  app.run(main)
