@@ -6,6 +6,8 @@ Several processes (hosts): pass --num_processes, --process_id, --coordinator_add
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mixer import runtime
+
 config_flags.DEFINE_config_file("config", "configs/cifar100_s.py", "Experiment config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.",
@@ -16,13 +18,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 FLAGS = flags.FLAGS
 
 
-def _quiet_orbax(record) -> bool:
-  """Orbax logs every file it writes at INFO; keep its warnings only."""
-  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  runtime.quiet_orbax_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
@@ -31,9 +28,11 @@ def main(argv):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from mixer import train_lib  # pylint: disable=g-import-not-at-top
+  logging.info("Memory allocator: %s.", runtime.allocator_in_use())
   result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.info("Done: %s", {k: v for k, v in result.items() if k != "logits"})
 
 
 if __name__ == "__main__":
+  runtime.reexec_with_tcmalloc()
   app.run(main)

@@ -13,12 +13,12 @@ def get_config(arg=None):
   config.model.variant = "Ti/4"
   config.model.stoch_depth = 0.0
   config.batch_size = 128
-  config.num_epochs = 10
+  config.num_epochs = 5
   config.learning_rate = 2e-3
   config.weight_decay = 0.05
   config.warmup_epochs = 1.0
   config.label_smoothing = 0.1
   config.log_every_steps = 50
-  config.eval_every_steps = 390
-  config.checkpoint_every_steps = 390
+  config.eval_every_steps = 780
+  config.checkpoint_every_steps = 780
   return config_lib.apply_arg(config, arg)

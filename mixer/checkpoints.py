@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+import shutil
+import time
+from typing import Any
 
+import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -49,22 +53,52 @@ class Checkpoints:
       metrics = None
     self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
-  def restore(self, step: int, abstract_state: Any) -> Any:
+  def restore(self, step: int, abstract_state: Any = None) -> Any:
+    """Restores `step`; without `abstract_state`, as saved (nested dicts, default device)."""
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
-  def restore_latest_good(self, abstract_state: Any,
-                          on_skip: Callable[[int, Exception], None] | None = None
-                          ) -> tuple[int, Any] | None:
-    """Restores the newest step that loads; None when there is no usable checkpoint."""
+  def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any] | None:
+    """Restores the newest step that loads; None when there is no checkpoint at all.
+
+    Newer steps that fail while an older one loads with the same structure are corrupt:
+    they are moved to `corrupt_checkpoints/` (never deleted). When no step loads, nothing
+    is moved and the error lists why each failed (e.g. a config that no longer matches).
+    """
+    failures = []
     for step in reversed(self.all_steps()):
       try:
-        return step, self.restore(step, abstract_state)
+        state = self.restore(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Checkpoint at step %d could not be restored (%s: %s); trying the "
-                        "previous one.", step, type(e).__name__, e)
-        if on_skip:
-          on_skip(step, e)
+        logging.warning("Checkpoint at step %d could not be restored (%s: %s).", step,
+                        type(e).__name__, str(e)[:500])
+        failures.append((step, e))
+        continue
+      for bad_step, _ in failures:
+        logging.warning("Step %d is unreadable but step %d loads: moving step %d to %s and "
+                        "resuming from step %d.", bad_step, step, bad_step, self.quarantine_dir,
+                        step)
+        self._quarantine(bad_step)
+      return step, state
+    if failures:
+      details = "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:300]}" for s, e in failures)
+      raise RuntimeError(
+          f"No checkpoint in {self.directory} could be restored for this config ({details}). "
+          "If the model, optimizer or dataset changed, use a new --workdir.")
     return None
+
+  @property
+  def quarantine_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+
+  def _quarantine(self, step: int) -> None:
+    """Moves an unreadable step aside (not deleted), so that it can be saved again."""
+    self.manager.wait_until_finished()
+    if jax.process_index() == 0:
+      os.makedirs(self.quarantine_dir, exist_ok=True)
+      target = os.path.join(self.quarantine_dir, f"{step}.{int(time.time())}")
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    multihost_utils.sync_global_devices(f"mixer_quarantine_{step}")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.stoch_depth = 0.0
   c.model.dropout = 0.0
   c.model.dtype = "float32"  # compute dtype; parameters stay float32.
+  # Explicit dimensions override the variant's (None: the variant's own).
+  for key in ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim"):
+    c.model[key] = config_dict.placeholder(int)
 
   c.batch_size = 128  # global, over all devices and processes.
   c.eval_batch_size = 500
@@ -86,6 +89,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     models.parse_variant(c.model.variant)
   except ValueError as e:
     raise ValueError(f"config.model.variant: {e}") from None
+  for key in ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim"):
+    value = c.model[key]
+    _check(value is None or value >= 1, f"model.{key}", value, "must be >= 1 (or None)")
   patch = models.parse_variant(c.model.variant)["patch_size"]
   _check(c.image_size > 0 and c.image_size % patch == 0, "image_size", c.image_size,
          f"must be a positive multiple of the patch size {patch}")

@@ -37,8 +37,9 @@ class TrainState:
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.MlpMixer:
   m = config.model
+  dims = {k: m[k] for k in ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")}
   return models.create_model(m.variant, num_classes, stoch_depth=m.stoch_depth,
-                             dropout=m.dropout, dtype=m.dtype)
+                             dropout=m.dropout, dtype=m.dtype, **dims)
 
 
 def init_params(model: models.MlpMixer, image_size: int, seed: int) -> Any:
@@ -92,7 +93,7 @@ def make_train_step(model: models.MlpMixer, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, opt_state=opt_state,
                               params=optax.apply_updates(state.params, updates))
-    return new_state, jnp.stack([loss, top1, optax.global_norm(grads)])
+    return new_state, jnp.stack([loss, top1, optax.tree.norm(grads)])
 
   return train_step
 
@@ -227,7 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   stop = _StopSignal()
-  pending, window_start, window_time = [], start_step, time.time()
+  pending, pending_from = [], start_step + 1  # device metrics not yet checked, from this step
+  window_start, window_time = start_step, time.time()
   eval_result: dict[str, Any] = {}
   try:
     for step in range(start_step + 1, total_steps + 1):
@@ -236,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step == start_step + 1:  # Keep compilation out of img/s.
         jax.block_until_ready(state)
         logging.info("First step (with compilation) took %.1fs.", time.time() - window_time)
-        pending, window_start, window_time = [], step, time.time()
+        window_start, window_time = step, time.time()
       report(step)
       is_last, stopping = step == total_steps, stop.received
       eval_due = step % config.eval_every_steps == 0 or is_last
@@ -245,15 +247,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         loss, top1, grad_norm = np.mean(jax.device_get(pending), axis=0)
         if not np.isfinite(loss):
           raise FloatingPointError(
-              f"Training loss became non-finite between steps {window_start + 1} and {step}; "
+              f"Training loss became non-finite between steps {pending_from} and {step}; "
               f"stopping. The last good checkpoint (step {ckpt.latest_step()}) is kept. Try a "
               "lower learning_rate or grad_clip_norm.")
-        elapsed = time.time() - window_time
-        writer.write_scalars(step, {
-            "train/loss": loss, "train/top1": top1, "grad_norm": grad_norm,
-            "lr": float(schedule(step - 1)),
-            "img_per_sec": (step - window_start) * config.batch_size / max(elapsed, 1e-9)})
-        pending = []
+        scalars = {"train/loss": loss, "train/top1": top1, "grad_norm": grad_norm,
+                   "lr": float(schedule(step - 1))}
+        if step > window_start:
+          scalars["img_per_sec"] = ((step - window_start) * config.batch_size
+                                    / (time.time() - window_time))
+        writer.write_scalars(step, scalars)
+        pending, pending_from = [], step + 1
       step_eval = None
       if eval_due:
         step_eval = evaluator(state.params)
@@ -271,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_result = {"step": step, "stopped": True}
         break
   finally:
-    writer.flush()
+    writer.close()
     ckpt.close()
     stop.restore()
   return eval_result

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny config, mock CIFAR-100 data, and subprocess helpers."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+METADATA_DIR = os.path.join(ROOT, "tests", "tfds_metadata")
+MOCK_EXAMPLES = 128
+
+# A Mixer small enough that a dozen steps take seconds; every option is exercised.
+TINY = {
+    "model.variant": "Ti/8", "model.hidden_dim": 32, "model.num_blocks": 2,
+    "model.tokens_mlp_dim": 16, "model.channels_mlp_dim": 64, "model.stoch_depth": 0.1,
+    "model.dropout": 0.1, "batch_size": 32, "eval_batch_size": 48, "total_steps": 12,
+    "warmup_epochs": 1.0, "log_every_steps": 3, "eval_every_steps": 6,
+    "checkpoint_every_steps": 6, "keep_checkpoints": 2, "mixup_alpha": 0.2, "cutmix_alpha": 0.2,
+}
+
+
+def tiny_config(**overrides):
+  from configs import cifar100_ti  # pylint: disable=g-import-not-at-top
+  config = cifar100_ti.get_config("smoke")
+  for key, value in {**TINY, **overrides}.items():
+    parent = config
+    *path, leaf = key.split(".")
+    for part in path:
+      parent = parent[part]
+    parent[leaf] = value
+  return config
+
+
+def tiny_flags(**overrides):
+  return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
+
+
+@pytest.fixture
+def mock_cifar():
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, data_dir=METADATA_DIR):
+    yield
+
+
+def run_mock_train(workdir, *flags, devices=1, env=None, check=True, timeout=300):
+  """Runs tests/mock_train.py in a fresh process with `devices` fake CPU devices."""
+  full_env = dict(os.environ, JAX_PLATFORMS="cpu",
+                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+  cmd = [sys.executable, os.path.join(ROOT, "tests", "mock_train.py"),
+         "--config=" + os.path.join(ROOT, "configs", "cifar100_ti.py:smoke"),
+         f"--workdir={workdir}", *flags]
+  proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout,
+                        cwd=ROOT)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+  return proc
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def metric_at(rows, name, step):
+  values = [r[name] for r in rows if r["step"] == step and name in r]
+  assert values, f"no {name} at step {step}"
+  return values[-1]

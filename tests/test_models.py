@@ -1,0 +1,121 @@
+"""The Mixer model: published parameter counts and tree, shapes, dtypes, options, errors."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mixer
+from mixer import models
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("B/16", 59_880_472), ("B/32", 60_293_428), ("L/16", 208_196_168)])
+def test_published_parameter_counts(variant, expected):
+  assert mixer.count_params(mixer.create_model(variant, 1000), 224) == expected
+
+
+def test_parameter_tree_matches_published_checkpoints():
+  model = mixer.create_model("B/16", 1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  paths = {"/".join(k) for k in flax.traverse_util.flatten_dict(shapes["params"])}
+  expected = {"stem/kernel", "stem/bias", "pre_head_layer_norm/scale",
+              "pre_head_layer_norm/bias", "head/kernel", "head/bias"}
+  for i in range(12):
+    for sub in ("LayerNorm_0", "LayerNorm_1"):
+      expected |= {f"MixerBlock_{i}/{sub}/scale", f"MixerBlock_{i}/{sub}/bias"}
+    for mlp in ("token_mixing", "channel_mixing"):
+      for dense in ("Dense_0", "Dense_1"):
+        expected |= {f"MixerBlock_{i}/{mlp}/{dense}/kernel", f"MixerBlock_{i}/{mlp}/{dense}/bias"}
+  assert paths == expected
+  flat = flax.traverse_util.flatten_dict(shapes["params"], sep="/")
+  assert flat["stem/kernel"].shape == (16, 16, 3, 768)
+  assert flat["MixerBlock_0/token_mixing/Dense_0/kernel"].shape == (196, 384)
+  assert flat["MixerBlock_0/channel_mixing/Dense_0/kernel"].shape == (768, 3072)
+  assert flat["head/kernel"].shape == (768, 1000)
+
+
+def _tiny(**kw):
+  return mixer.create_model("Ti/4", 10, hidden_dim=16, num_blocks=3, tokens_mlp_dim=8,
+                            channels_mlp_dim=32, **kw)
+
+
+def test_output_shapes_and_zero_head():
+  model = _tiny()
+  x = jnp.ones((2, 32, 32, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  assert model.apply({"params": params}, x).shape == (2, 10)
+  np.testing.assert_array_equal(params["head"]["kernel"], 0)
+  features = mixer.create_model("Ti/4", 0, hidden_dim=16, num_blocks=1)
+  fp = features.init(jax.random.key(0), x)["params"]
+  assert "head" not in fp
+  assert features.apply({"params": fp}, x).shape == (2, 16)
+
+
+def test_overrides_win_over_variant_defaults():
+  model = mixer.create_model("S/16", 7, hidden_dim=64, num_blocks=2)
+  assert (model.hidden_dim, model.num_blocks, model.tokens_mlp_dim, model.patch_size) == (64, 2, 256, 16)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = _tiny(dtype="bfloat16")
+  x = jnp.ones((2, 32, 32, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  features = mixer.create_model("Ti/4", 0, hidden_dim=16, num_blocks=2, dtype=jnp.bfloat16)
+  out, inter = features.apply({"params": features.init(jax.random.key(0), x)["params"]}, x,
+                              capture_intermediates=True, mutable=["intermediates"])
+  assert out.dtype == jnp.bfloat16
+  block_out = inter["intermediates"]["MixerBlock_0"]["__call__"][0]
+  assert block_out.dtype == jnp.bfloat16
+  assert model.apply({"params": params}, x).dtype == jnp.bfloat16
+
+
+def test_stochastic_depth_identity_at_eval_random_in_training():
+  model = _tiny(stoch_depth=0.5)
+  plain = _tiny()
+  x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+  params = plain.init(jax.random.key(0), x)["params"]
+  params["head"]["kernel"] = jax.random.normal(jax.random.key(2), params["head"]["kernel"].shape)
+  ref = plain.apply({"params": params}, x)
+  np.testing.assert_allclose(model.apply({"params": params}, x), ref, rtol=1e-6, atol=1e-6)
+  train = lambda seed: model.apply({"params": params}, x, train=True,
+                                   rngs={"dropout": jax.random.key(seed)})
+  a, b = train(0), train(1)
+  assert not np.allclose(a, b), "different rngs must drop different blocks"
+  np.testing.assert_array_equal(a, train(0))
+  # Per example: some examples must differ from the eval output, and not all of them.
+  differs = np.any(np.abs(np.asarray(a) - np.asarray(ref)) > 1e-5, axis=1)
+  assert 0 < differs.sum() <= 8
+
+
+def test_stochastic_depth_rate_rises_linearly_from_zero():
+  """Block 0 is never dropped (rate 0); the last block has the full rate."""
+  x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+  def outputs(num_blocks):
+    model = mixer.create_model("Ti/4", 0, hidden_dim=16, num_blocks=num_blocks,
+                               stoch_depth=0.9)
+    params = model.init(jax.random.key(0), x)["params"]
+    train = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)})
+    return np.asarray(train), np.asarray(model.apply({"params": params}, x))
+  train, evaluation = outputs(1)
+  np.testing.assert_allclose(train, evaluation, rtol=1e-6, atol=1e-6)
+  train, evaluation = outputs(2)
+  assert not np.allclose(train, evaluation)
+
+
+def test_indivisible_image_size_is_a_clear_error():
+  model = _tiny()
+  with pytest.raises(ValueError, match="not divisible by the patch size 4"):
+    model.init(jax.random.key(0), jnp.ones((1, 30, 30, 3)))
+
+
+@pytest.mark.parametrize("name", ["Q/16", "B16", "B/x", "B/0", ""])
+def test_unknown_variant_is_a_clear_error(name):
+  with pytest.raises(ValueError, match="Unknown Mixer variant"):
+    mixer.create_model(name, 10)
+
+
+def test_unknown_override_is_a_clear_error():
+  with pytest.raises(TypeError, match="hidden_size"):
+    mixer.create_model("S/16", 10, hidden_size=3)

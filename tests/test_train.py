@@ -1,0 +1,213 @@
+"""train_and_evaluate on mock CIFAR-100: metrics, checkpoints, resume, devices, errors."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import flax
+import jax
+import numpy as np
+import pytest
+
+from conftest import (ROOT, METADATA_DIR, MOCK_EXAMPLES, metric_at, read_metrics, run_mock_train,
+                      tiny_config, tiny_flags)
+from mixer import checkpoints, config_lib, data, train_lib
+
+REQUIRED_TRAIN = ("train/loss", "train/top1", "lr", "grad_norm", "img_per_sec")
+REQUIRED_EVAL = ("eval/loss", "eval/top1", "eval/top5", "eval/num_examples")
+
+
+def final_params(workdir):
+  manager = checkpoints.Checkpoints(workdir, read_only=True)
+  step = manager.latest_step()
+  restored = manager.restore(step)
+  return step, flax.traverse_util.flatten_dict(restored["params"], sep="/")
+
+
+def assert_params_equal(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+  """One uninterrupted 12-step run on 1 device (checkpoints at 6 and 12)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("baseline"))
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, data_dir=METADATA_DIR):
+    result = train_lib.train_and_evaluate(tiny_config(), workdir)
+  return workdir, result, final_params(workdir)[1]
+
+
+def test_trains_and_writes_metrics_checkpoints_config(baseline):
+  workdir, result, _ = baseline
+  rows = read_metrics(workdir)
+  for step in (3, 6, 9, 12):
+    for name in REQUIRED_TRAIN:
+      assert np.isfinite(metric_at(rows, name, step))
+  for step in (6, 12):
+    for name in REQUIRED_EVAL:
+      metric_at(rows, name, step)
+    # 128 examples in batches of 48: the padded last batch still counts each example once.
+    assert metric_at(rows, "eval/num_examples", step) == MOCK_EXAMPLES
+  assert result["eval/num_examples"] == MOCK_EXAMPLES and result["step"] == 12
+  assert metric_at(rows, "train/loss", 3) < np.log(100) + 0.5
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+
+def test_finished_run_started_again_does_nothing(baseline, mock_cifar, caplog):
+  workdir, _, params = baseline
+  before = read_metrics(workdir)
+  result = train_lib.train_and_evaluate(tiny_config(), workdir)
+  assert result["already_finished"] and result["step"] == 12
+  assert read_metrics(workdir) == before
+  assert_params_equal(final_params(workdir)[1], params)
+
+
+def test_resume_is_bit_exact(baseline, mock_cifar, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(baseline[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))  # as if stopped after step 6
+  train_lib.train_and_evaluate(tiny_config(), workdir)
+  step, params = final_params(workdir)
+  assert step == 12
+  assert_params_equal(params, baseline[2])
+  steps = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
+  assert steps == [3, 6, 9, 12], "rows logged after the checkpoint must not repeat"
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(baseline, mock_cifar, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(baseline[0], workdir)
+  for dirpath, _, files in os.walk(os.path.join(workdir, "checkpoints", "12", "default")):
+    for name in files:
+      with open(os.path.join(dirpath, name), "wb") as f:
+        f.write(b"garbage")
+  train_lib.train_and_evaluate(tiny_config(), workdir)
+  step, params = final_params(workdir)
+  assert step == 12
+  assert_params_equal(params, baseline[2])
+  assert os.listdir(os.path.join(workdir, "corrupt_checkpoints"))
+
+
+def test_eight_devices_match_one(baseline, tmp_path):
+  workdir = str(tmp_path / "eight")
+  run_mock_train(workdir, *tiny_flags(), devices=8)
+  ref, rows = read_metrics(baseline[0]), read_metrics(workdir)
+  for name, step in [("train/loss", 3), ("train/loss", 12), ("eval/loss", 12)]:
+    np.testing.assert_allclose(metric_at(rows, name, step), metric_at(ref, name, step), rtol=2e-4)
+  assert metric_at(rows, "eval/num_examples", 12) == MOCK_EXAMPLES
+
+
+def test_two_processes_match_one(baseline, tmp_path):
+  workdir = str(tmp_path / "two")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "tests", "mock_train.py"),
+       "--config=" + os.path.join(ROOT, "configs", "cifar100_ti.py:smoke"), f"--workdir={workdir}",
+       "--num_processes=2", f"--process_id={i}", f"--coordinator_address=localhost:{port}",
+       *tiny_flags()], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-5000:]
+  ref, rows = read_metrics(baseline[0]), read_metrics(workdir)
+  for name, step in [("train/loss", 3), ("train/loss", 12), ("eval/loss", 12)]:
+    np.testing.assert_allclose(metric_at(rows, name, step), metric_at(ref, name, step), rtol=2e-4)
+  assert metric_at(rows, "eval/num_examples", 12) == MOCK_EXAMPLES
+
+
+def test_sigterm_finishes_step_saves_and_exits_zero(tmp_path):
+  workdir = str(tmp_path / "term")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "tests", "mock_train.py"),
+       "--config=" + os.path.join(ROOT, "configs", "cifar100_ti.py:smoke"), f"--workdir={workdir}",
+       *tiny_flags(total_steps=100000, log_every_steps=1, checkpoint_every_steps=100000,
+                   eval_every_steps=100000)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 120
+  while time.time() < deadline and not (os.path.exists(metrics_path)
+                                        and os.path.getsize(metrics_path) > 0):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out[-5000:]
+  assert "Stopped by SIGTERM" in out
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert len(saved) == 1 and 0 < saved[0] < 100000
+
+
+def test_grad_accumulation_matches_full_batch(mock_cifar, tmp_path):
+  plain = dict(total_steps=3, log_every_steps=1, eval_every_steps=3, checkpoint_every_steps=3,
+               mixup_alpha=0.0, cutmix_alpha=0.0, **{"model.dropout": 0.0,
+                                                     "model.stoch_depth": 0.0})
+  losses = []
+  for accum in (1, 2):
+    workdir = str(tmp_path / f"accum{accum}")
+    train_lib.train_and_evaluate(tiny_config(grad_accum_steps=accum, **plain), workdir)
+    rows = read_metrics(workdir)
+    losses.append([metric_at(rows, "train/loss", s) for s in (1, 2, 3)])
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(mock_cifar, tmp_path):
+  workdir = str(tmp_path / "nan")
+  train_lib.train_and_evaluate(tiny_config(total_steps=6), workdir)
+  with pytest.raises(FloatingPointError, match=r"between steps 7 and 9.*step 6"):
+    train_lib.train_and_evaluate(tiny_config(learning_rate=1e30), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("optimizer", "adamx", "config.optimizer='adamx'"),
+    ("model.variant", "Z/4", "config.model.variant"),
+    ("image_size", 30, "config.image_size=30"),
+    ("grad_accum_steps", 3, "config.grad_accum_steps=3"),
+    ("lr_schedule", "step", "config.lr_schedule"),
+    ("label_smoothing", 1.5, "config.label_smoothing"),
+])
+def test_bad_config_values_name_the_key(key, value, match):
+  with pytest.raises(ValueError, match=match.replace(".", r"\.").replace("(", r"\(")):
+    config_lib.validate(tiny_config(**{key: value}))
+
+
+def test_checkpoint_of_another_config_is_an_error_and_kept(baseline, mock_cifar, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(baseline[0], workdir)
+  with pytest.raises(RuntimeError, match="No checkpoint .* could be restored.*new --workdir"):
+    train_lib.train_and_evaluate(tiny_config(**{"model.hidden_dim": 48}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
+
+
+def test_mistyped_config_key_fails_before_work(tmp_path):
+  proc = run_mock_train(str(tmp_path / "typo"), "--config.batch_sizee=3", check=False, timeout=120)
+  assert proc.returncode != 0
+  assert "batch_sizee" in proc.stderr
+  assert not os.path.exists(tmp_path / "typo")
+
+
+def test_batch_not_divisible_by_devices_fails_early(tmp_path):
+  proc = run_mock_train(str(tmp_path / "b"), *tiny_flags(batch_size=36), devices=8, check=False,
+                        timeout=120)
+  assert proc.returncode != 0
+  assert "config.batch_size" in proc.stderr and "number of devices (8" in proc.stderr
+
+
+def test_missing_dataset_fails_fast_with_directions(tmp_path):
+  start = time.time()
+  with pytest.raises(data.DatasetNotFoundError) as info:
+    train_lib.train_and_evaluate(tiny_config(data_dir=str(tmp_path)), str(tmp_path / "w"))
+  assert time.time() - start < 60, "must not retry downloads for minutes"
+  message = str(info.value)
+  assert str(tmp_path) in message and "TFDS_DATA_DIR" in message and "--config.data_dir" in message
