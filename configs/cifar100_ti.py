@@ -4,8 +4,13 @@
   python train.py --config=configs/cifar100_ti.py:smoke --workdir=/tmp/smoke   # 1-2 minutes
 
 Measured: not measured yet.
+
+Its sweep, get_sweep(): learning rate x weight decay, 6 runs in DIR/<trial>/, ranked in
+DIR/summary.md (`:smoke` sweeps the same grid on the smoke config):
+
+  python sweep.py --config=configs/cifar100_ti.py --workdir=/tmp/ti_sweep
 """
-from mixer import config_lib
+from mixer import config_lib, sweeps
 
 
 def get_config(arg=None):
@@ -22,3 +27,8 @@ def get_config(arg=None):
   config.eval_every_steps = 780
   config.checkpoint_every_steps = 780
   return config_lib.apply_arg(config, arg)
+
+
+def get_sweep(arg=None):
+  del arg  # the same grid for the full and the smoke config
+  return sweeps.product(learning_rate=[1e-3, 2e-3, 4e-3], weight_decay=[0.01, 0.05])

@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixup_alpha = 0.0
   c.cutmix_alpha = 0.0
 
+  c.init_from = config_dict.placeholder(str)  # a published-layout Mixer .npz to fine-tune.
+
   c.seed = 0
   c.log_every_steps = 100
   c.eval_every_steps = 1000

@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from clu import periodic_actions
 
-from mixer import augment, checkpoints, config_lib, data, metrics, models, optim, parallel
+from mixer import (augment, checkpoints, config_lib, data, metrics, models, optim, parallel,
+                   pretrained)
 
 INIT_SEED_SALT = 0x5EED  # keeps the init rng apart from the per-step rngs.
 
@@ -174,6 +175,29 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     json.dump(new, f, indent=2, sort_keys=True)
 
 
+def load_initial_params(config: ml_collections.ConfigDict, model: models.MlpMixer,
+                        mesh: jax.sharding.Mesh) -> Any:
+  """Parameters from `config.init_from` (a published-layout .npz), checked and adapted."""
+  template = jax.eval_shape(lambda: init_params(model, config.image_size, config.seed))
+  num_tokens = (config.image_size // model.patch_size) ** 2
+  try:
+    params = pretrained.load_pretrained(config.init_from, template, num_tokens=num_tokens)
+  except ValueError as e:
+    raise ValueError(f"config.init_from={config.init_from!r} does not fit config.model "
+                     f"({config.model.variant} at image_size {config.image_size}): {e}") from None
+  logging.info("Initialised from %s.", config.init_from)
+  return jax.tree.map(lambda x: parallel.put_replicated(np.asarray(x), mesh), params)
+
+
+def _save_class_names(split: data.Split, workdir: str) -> None:
+  """Label names for evaluation and prediction without the dataset at hand."""
+  names = {"label": split.class_names}
+  if split.coarse_names:
+    names["coarse_label"] = split.coarse_names
+  with open(os.path.join(workdir, "class_names.json"), "w", encoding="utf-8") as f:
+    json.dump(names, f, indent=1)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) a run in `workdir`; returns the final evaluation metrics."""
   config_lib.validate(config)
@@ -194,6 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     params = init_params(model, config.image_size, config.seed)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+  def state_from(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
   init_state = jax.jit(create_state, out_shardings=parallel.replicated(mesh))
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
@@ -206,12 +233,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  start_step, total_steps)
     ckpt.close()
     return {"step": start_step, "already_finished": True}
-  if state is None:
+  if state is None and config.init_from:
+    params = load_initial_params(config, model, mesh)
+    state = jax.jit(state_from, out_shardings=parallel.replicated(mesh))(params)
+  elif state is None:
     state = init_state()
   else:
     logging.info("Resuming from the checkpoint at step %d.", start_step)
   if jax.process_index() == 0:
     _save_config(config, workdir)
+    _save_class_names(train_split, workdir)
     metrics.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
   writer = metrics.create_writer(workdir)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -211,3 +211,18 @@ def test_missing_dataset_fails_fast_with_directions(tmp_path):
   assert time.time() - start < 60, "must not retry downloads for minutes"
   message = str(info.value)
   assert str(tmp_path) in message and "TFDS_DATA_DIR" in message and "--config.data_dir" in message
+
+
+def test_init_from_published_layout_npz(baseline, mock_cifar, tmp_path):
+  """A run initialised from an exported .npz starts exactly where the source run ended."""
+  from mixer import pretrained  # pylint: disable=g-import-not-at-top
+  npz = str(tmp_path / "source.npz")
+  pretrained.export_npz(flax.traverse_util.unflatten_dict(baseline[2], sep="/"), npz)
+  config = tiny_config(init_from=npz, optimizer="sgd", learning_rate=1e-12, total_steps=1,
+                       eval_every_steps=1, warmup_epochs=0.0)
+  result = train_lib.train_and_evaluate(config, str(tmp_path / "ft"))
+  source = read_metrics(baseline[0])
+  np.testing.assert_allclose(result["eval/loss"], metric_at(source, "eval/loss", 12), rtol=1e-5)
+  with pytest.raises(ValueError, match="config.init_from=.*does not fit"):
+    train_lib.train_and_evaluate(tiny_config(init_from=npz, **{"model.hidden_dim": 48}),
+                                 str(tmp_path / "bad"))

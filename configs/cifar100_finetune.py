@@ -1,0 +1,52 @@
+"""Fine-tunes a published MLP-Mixer checkpoint on CIFAR-100 at 224x224 (the paper's transfer recipe).
+
+SGD with momentum 0.9, batch 512, global-norm clipping at 1, warmup then cosine decay,
+no weight decay, no mixup/label smoothing; CIFAR's 32x32 images are cropped/flipped and
+resized to 224 on the device.
+
+Published weights (ImageNet-21k or ImageNet-1k pre-training), from the public bucket of
+google-research/vision_transformer:
+  https://storage.googleapis.com/mixer_models/imagenet21k/Mixer-B_16.npz
+  (also Mixer-L_16.npz; imagenet1k/ for the 1k-pretrained ones; `gsutil ls gs://mixer_models`)
+
+  python train.py --config=configs/cifar100_finetune.py --workdir=workdirs/ft_b16 \\
+      --config.init_from=/path/to/Mixer-B_16.npz
+  python train.py --config=configs/cifar100_finetune.py:L/16 ... --config.init_from=.../Mixer-L_16.npz
+
+The argument is the variant ('B/16' by default), optionally followed by ',smoke'. At
+image_size 448 (K=2) the token-mixing MLPs are made block-diagonal: pass
+--config.model.tokens_mlp_dim=4x the original (e.g. 1536 for B/16).
+
+Measured: not measured yet (needs an accelerator and the published weights, which cannot be
+downloaded on our CI machines).
+"""
+from mixer import config_lib
+
+
+def get_config(arg=None):
+  variant, _, rest = (arg or "B/16").partition(",")
+  if variant == "smoke":
+    variant, rest = "B/16", "smoke"
+  config = config_lib.base_config()
+  config.model.variant = variant
+  config.image_size = 224
+  config.init_from = ""  # set with --config.init_from=PATH; empty trains from scratch.
+  config.optimizer = "sgd"
+  config.momentum = 0.9
+  config.learning_rate = 0.01
+  config.weight_decay = 0.0
+  config.grad_clip_norm = 1.0
+  config.lr_schedule = "cosine"
+  config.batch_size = 512
+  config.eval_batch_size = 500
+  config.total_steps = 2500
+  config.warmup_epochs = 5.0  # 485 steps at 97 steps per epoch
+  config.label_smoothing = 0.0
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
+  config = config_lib.apply_arg(config, rest or None)
+  if rest == "smoke":
+    config.image_size = 32
+    config.model.variant = "Ti/16"
+  return config

@@ -1,0 +1,266 @@
+"""Runs a sweep's trials as separate train.py processes, N at a time, resumably.
+
+A crash or an out-of-memory kill ends its own trial only. Each trial keeps its state in
+DIR/<trial>/trial.json: status (pending, running, finished, failed, stopped), the exact
+command, the error (tail of its output) and the wall time over all attempts; its output
+goes to DIR/<trial>/train.log. Running the same sweep again skips finished trials and runs
+the others again, which resume from their own checkpoints (train.py does that by itself).
+SIGTERM or Ctrl-C asks every running trial to save a checkpoint and stop ('stopped').
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import json
+import logging
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from typing import Any, Mapping
+
+from mixer import sweeps
+
+TRIAL_FILE = "trial.json"
+LOG_FILE = "train.log"
+STATUSES = ("pending", "running", "finished", "failed", "stopped")
+STOPPED_MARK = "Stopped by SIGTERM"  # train_lib's log line when a run stopped early.
+ERROR_CHARS = 4000
+_ABSL_INFO_LINE = re.compile(r"^I\d{4} ")
+_EXCEPTION_LINE = re.compile(r"^([\w.]*(Error|Exception|Interrupt)\b|FATAL\b)")
+
+
+def read_state(trial_dir: str) -> dict[str, Any] | None:
+  """DIR/<trial>/trial.json, or None before the trial was ever queued."""
+  path = os.path.join(trial_dir, TRIAL_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _write_state(trial_dir: str, state: Mapping[str, Any]) -> None:
+  path = os.path.join(trial_dir, TRIAL_FILE)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(state, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def is_finished(state: Mapping[str, Any] | None) -> bool:
+  return bool(state) and state["status"] == "finished" and state.get("returncode") == 0
+
+
+def without_info_lines(output: str) -> str:
+  """A run's output without absl INFO lines (orbax alone writes dozens per checkpoint)."""
+  return "\n".join(line for line in output.splitlines() if not _ABSL_INFO_LINE.match(line))
+
+
+def error_line(error: str) -> str:
+  """The most telling line of an error: the last exception line, else the last line."""
+  lines = [line.strip() for line in error.splitlines() if line.strip()]
+  exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
+  return (exceptions or lines or [""])[-1][:300]
+
+
+def visible_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
+  """GPU ids for the trials, found without initialising JAX here.
+
+  jax.local_device_count() in this process would make JAX take most of every GPU's memory
+  for the sweep itself, so ask CUDA_VISIBLE_DEVICES, then nvidia-smi.
+  """
+  if "cpu" == environ.get("JAX_PLATFORMS", "").strip():
+    return []
+  if environ.get("CUDA_VISIBLE_DEVICES") is not None:
+    return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+  if shutil.which("nvidia-smi") is None:
+    return []
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def device_envs(parallel: int, gpus: list[str]) -> list[dict[str, str]]:
+  """One environment per concurrent trial: disjoint CUDA_VISIBLE_DEVICES, or none on CPU."""
+  if not gpus:
+    return [{} for _ in range(parallel)]
+  if parallel > len(gpus):
+    raise ValueError(f"--parallel={parallel} needs at least {parallel} GPUs; found {len(gpus)}.")
+  per_trial = len(gpus) // parallel
+  if len(gpus) % parallel:
+    logging.warning("%d GPUs do not split evenly over %d trials: %d stay idle.", len(gpus),
+                    parallel, len(gpus) % parallel)
+  return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * per_trial:(i + 1) * per_trial])}
+          for i in range(parallel)]
+
+
+class _Stopper:
+  """On SIGTERM/SIGINT: start no more trials and SIGTERM the running ones (they save, exit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._procs: set[subprocess.Popen] = set()
+    self._lock = threading.Lock()
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "_Stopper":
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    logging.warning("%s received: stopping the running trials (they save a checkpoint).",
+                    signal.Signals(signum).name)
+    with self._lock:
+      self.requested = True
+      for proc in self._procs:
+        proc.terminate()
+
+  def add(self, proc: subprocess.Popen) -> None:
+    with self._lock:
+      self._procs.add(proc)
+      if self.requested:
+        proc.terminate()
+
+  def remove(self, proc: subprocess.Popen) -> None:
+    with self._lock:
+      self._procs.discard(proc)
+
+
+def _now() -> str:
+  return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def _outcome(returncode: int, output: str, stop_requested: bool) -> dict[str, Any]:
+  """status, error (the output's tail) and error_line of one ended attempt."""
+  if returncode == 0:
+    return {"status": "stopped" if STOPPED_MARK in output else "finished"}
+  if stop_requested and returncode == -signal.SIGTERM:  # stopped before its handler was set
+    return {"status": "stopped"}
+  error = without_info_lines(output)
+  line = error_line(error)
+  if returncode < 0:
+    hint = " (out of memory?)" if returncode == -signal.SIGKILL else ""
+    line = f"Killed by {signal.Signals(-returncode).name}{hint}."
+    error = f"{error}\n{line}"
+  return {"status": "failed", "error": error[-ERROR_CHARS:], "error_line": line}
+
+
+def run_trial(sweep: sweeps.Sweep, trial: sweeps.Trial, workdir: str,
+              device_env: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
+              stopper: _Stopper | None = None) -> dict[str, Any]:
+  """Runs (or resumes) one trial to its end; returns and stores its trial.json state."""
+  trial_dir = os.path.join(workdir, trial.name)
+  os.makedirs(trial_dir, exist_ok=True)
+  command = sweeps.trial_command(sweep, trial, workdir)
+  state = read_state(trial_dir) or {"attempts": 0, "wall_time_s": 0.0}
+  state.update(name=trial.name, overrides=trial.overrides, command=shlex.join(command),
+               status="running", returncode=None, error=None, error_line=None, started=_now(),
+               ended=None,
+               devices=(device_env or {}).get("CUDA_VISIBLE_DEVICES", "all"),
+               attempts=state["attempts"] + 1)
+  _write_state(trial_dir, state)
+  log_path = os.path.join(trial_dir, LOG_FILE)
+  start = time.time()
+  with open(log_path, "a", encoding="utf-8") as log:
+    log.write(f"\n=== attempt {state['attempts']}, {state['started']}: {state['command']}\n")
+    log.flush()
+    offset = log.tell()
+    # A session of its own: Ctrl-C reaches the sweep only, which then stops trials cleanly.
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=sweeps.ROOT,
+                            env={**os.environ, **(env or {}), **(device_env or {})},
+                            start_new_session=True)
+    if stopper:
+      stopper.add(proc)
+    try:
+      proc.wait()
+    finally:
+      if stopper:
+        stopper.remove(proc)
+  with open(log_path, encoding="utf-8", errors="replace") as f:
+    f.seek(offset)
+    output = f.read()
+  state.update(_outcome(proc.returncode, output, bool(stopper and stopper.requested)),
+               returncode=proc.returncode, ended=_now(),
+               wall_time_s=round(state["wall_time_s"] + time.time() - start, 1))
+  _write_state(trial_dir, state)
+  return state
+
+
+def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
+              env: Mapping[str, str] | None = None) -> dict[str, str]:
+  """Runs every unfinished trial of `sweep` in DIR/<trial>/; returns {trial name: status}.
+
+  `env` is added to each trial's environment. Trials with a finished trial.json are skipped.
+  """
+  if parallel < 1:
+    raise ValueError(f"--parallel must be >= 1, got {parallel}.")
+  workdir = os.path.abspath(workdir)
+  sweeps.save_sweep(sweep, workdir)
+  statuses, todo = {}, []
+  for trial in sweep.trials:
+    trial_dir = os.path.join(workdir, trial.name)
+    state = read_state(trial_dir)
+    if is_finished(state):
+      logging.info("Trial %s: finished before; skipped.", trial.name)
+      statuses[trial.name] = "finished"
+      continue
+    os.makedirs(trial_dir, exist_ok=True)
+    state = state or {"name": trial.name, "overrides": trial.overrides, "attempts": 0,
+                      "wall_time_s": 0.0}
+    _write_state(trial_dir, dict(state, status="pending"))
+    statuses[trial.name] = "pending"
+    todo.append(trial)
+  if not todo:
+    return statuses
+  slots: queue.Queue = queue.Queue()
+  for device_env in device_envs(min(parallel, len(todo)), visible_gpus({**os.environ,
+                                                                         **(env or {})})):
+    slots.put(device_env)
+
+  def run_in_slot(trial: sweeps.Trial) -> dict[str, Any]:
+    device_env = slots.get()
+    try:
+      if stopper.requested:
+        return {"status": "pending"}
+      logging.info("Trial %s: starting (%s).", trial.name, device_env or "cpu")
+      state = run_trial(sweep, trial, workdir, device_env, env, stopper)
+      logging.info("Trial %s: %s (%.0fs over %d attempt(s)).", trial.name, state["status"],
+                   state["wall_time_s"], state["attempts"])
+      return state
+    finally:
+      slots.put(device_env)
+
+  with _Stopper() as stopper, concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
+    futures = {pool.submit(run_in_slot, trial): trial for trial in todo}
+    waiting = set(futures)
+    while waiting:  # polls, so that signal handlers run promptly in this thread
+      done, waiting = concurrent.futures.wait(waiting, timeout=1.0)
+      for future in done:
+        statuses[futures[future].name] = future.result()["status"]
+  return statuses
+
+
+def report_line(workdir: str, statuses: Mapping[str, str]) -> str:
+  """'Sweep DIR: 3 trials: 2 finished, 1 failed. Failed: NAME: error line.'"""
+  counts = {s: list(statuses.values()).count(s) for s in STATUSES if s in statuses.values()}
+  line = (f"Sweep {workdir}: {len(statuses)} trials: "
+          + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".")
+  failed = [name for name, s in statuses.items() if s == "failed"]
+  for name in failed:
+    state = read_state(os.path.join(workdir, name)) or {}
+    line += f"\n  failed: {name}: {state.get('error_line')}"
+  return line

@@ -1,0 +1,44 @@
+"""Classifies image files with a trained run: python predict.py --workdir=DIR IMAGE...
+
+Each PNG/JPEG is converted to RGB and resized to the model's input size; prints the top-5
+classes with their probabilities. Unreadable files are reported and the others still
+classified; the exit status is 1 if any file failed.
+"""
+import sys
+
+from absl import app, flags
+
+from mixer import runtime
+
+flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
+flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval/top1) or a step number.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory, only for the class names when the "
+                    "run has no class_names.json.")
+flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  runtime.quiet_orbax_logs()
+  if len(argv) < 2:
+    raise app.UsageError("Give one or more image files: predict.py --workdir=DIR IMAGE...")
+  from mixer import evaluation  # pylint: disable=g-import-not-at-top
+  try:
+    step, predictions = evaluation.predict_files(FLAGS.workdir, argv[1:], FLAGS.checkpoint,
+                                                 FLAGS.data_dir, FLAGS.top_k)
+  except (FileNotFoundError, ValueError) as e:  # bad workdir, checkpoint or data: no traceback
+    sys.exit(f"error: {e}")
+  print(f"Checkpoint: step {step} of {FLAGS.workdir}")
+  for prediction in predictions:
+    if prediction.error:
+      print(f"{prediction.path}: error: {prediction.error}", file=sys.stderr)
+      continue
+    print(prediction.path)
+    for name, probability in prediction.top:
+      print(f"  {probability:7.2%}  {name}")
+  return 1 if any(p.error for p in predictions) else 0
+
+
+if __name__ == "__main__":
+  runtime.reexec_with_tcmalloc()
+  app.run(main)
