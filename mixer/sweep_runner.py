@@ -226,9 +226,9 @@ def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
     todo.append(trial)
   if not todo:
     return statuses
-  slots: queue.Queue = queue.Queue()
-  for device_env in device_envs(min(parallel, len(todo)), visible_gpus({**os.environ,
-                                                                         **(env or {})})):
+  slots: queue.Queue = queue.Queue()  # one per worker thread: the devices of a running trial
+  workers = min(parallel, len(todo))
+  for device_env in device_envs(workers, visible_gpus({**os.environ, **(env or {})})):
     slots.put(device_env)
 
   def run_in_slot(trial: sweeps.Trial) -> dict[str, Any]:
@@ -244,7 +244,7 @@ def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
     finally:
       slots.put(device_env)
 
-  with _Stopper() as stopper, concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
+  with _Stopper() as stopper, concurrent.futures.ThreadPoolExecutor(workers) as pool:
     futures = {pool.submit(run_in_slot, trial): trial for trial in todo}
     waiting = set(futures)
     while waiting:  # polls, so that signal handlers run promptly in this thread
@@ -255,7 +255,7 @@ def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
 
 
 def report_line(workdir: str, statuses: Mapping[str, str]) -> str:
-  """'Sweep DIR: 3 trials: 2 finished, 1 failed. Failed: NAME: error line.'"""
+  """'Sweep DIR: 3 trials: 2 finished, 1 failed.', then each failed trial's error line."""
   counts = {s: list(statuses.values()).count(s) for s in STATUSES if s in statuses.values()}
   line = (f"Sweep {workdir}: {len(statuses)} trials: "
           + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".")
@@ -263,4 +263,6 @@ def report_line(workdir: str, statuses: Mapping[str, str]) -> str:
   for name in failed:
     state = read_state(os.path.join(workdir, name)) or {}
     line += f"\n  failed: {name}: {state.get('error_line')}"
+  if any(s != "finished" for s in statuses.values()):
+    line += "\nRun the same command again to resume; finished trials are skipped."
   return line

@@ -119,28 +119,27 @@ def _write_markdown(path: str, sweep: sweeps.Sweep, columns: list[str],
 
 
 def _write_plot(path: str, workdir: str, rows: list[dict[str, Any]]) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(8, 4.5))
-  plotted = 0
+  """eval/top1 against step, one line per trial (Agg via Figure: no pyplot state)."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(9, 4.5), layout="constrained")
+  ax = fig.add_subplot()
   for row in rows:
     curve = eval_curve(os.path.join(workdir, row["trial"]))
     if curve:
       steps, top1 = zip(*curve)
       ax.plot(steps, top1, marker="o", markersize=3, label=row["trial"])
-      plotted += 1
-  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel("step")
   ax.set_ylabel("eval/top1")
-  ax.set_title(f"{os.path.basename(os.path.normpath(workdir))}: eval/top1 per trial")
+  ax.set_title(f"{os.path.basename(os.path.normpath(workdir))}: eval/top1 per trial "
+               "(legend: best first)")
   ax.grid(alpha=0.3)
-  if plotted:
+  if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   else:
     ax.text(0.5, 0.5, "no evaluations yet", ha="center", transform=ax.transAxes)
-  fig.savefig(path, dpi=120, bbox_inches="tight")
-  plt.close(fig)
+  fig.savefig(path, dpi=120)
 
 
 def summarize(workdir: str) -> list[dict[str, Any]]:

@@ -117,11 +117,15 @@ def make_eval_step(model: models.MlpMixer, image_size: int, batch_size: int,
 
 
 class Evaluator:
-  """Evaluates params on a whole split, each example exactly once (padded batches + mask)."""
+  """Evaluates params on a whole split, each example exactly once (padded batches + mask).
+
+  The batch size is rounded up to a multiple of the device count.
+  """
 
   def __init__(self, model: models.MlpMixer, split: data.Split, image_size: int, batch_size: int,
                mesh: jax.sharding.Mesh):
-    parallel.check_divisible(batch_size, mesh, "eval_batch_size")
+    devices = mesh.devices.size
+    batch_size = -(-batch_size // devices) * devices  # padding absorbs the rounding up
     images, labels, mask = data.pad_to_multiple(split, batch_size)
     self.arrays = [parallel.put_replicated(a, mesh) for a in (images, labels, mask)]
     self.num_batches = len(labels) // batch_size
@@ -204,7 +208,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh()
   parallel.check_divisible(config.batch_size // config.grad_accum_steps, mesh,
                            "batch_size // config.grad_accum_steps")
-  parallel.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
   os.makedirs(workdir, exist_ok=True)
   train_split = data.load_split(config.dataset, config.train_split, config.data_dir)
   eval_split = data.load_split(config.dataset, config.eval_split, config.data_dir)

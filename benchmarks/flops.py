@@ -1,0 +1,72 @@
+"""Model FLOPs counted from the shapes, XLA's own count, and the device's matmul peak.
+
+Counting convention: a multiply-add is 2 FLOPs; only matmuls (stem conv, the four Dense
+layers of each block, head) count; a training step is 3x the forward matmul FLOPs
+(forward, gradient w.r.t. activations, gradient w.r.t. weights).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixer import models
+
+
+def forward_flops(model: models.MlpMixer, image_size: int) -> dict[str, float]:
+  """Forward matmul FLOPs per image, by part."""
+  p, c = model.patch_size, model.hidden_dim
+  tokens = (image_size // p) ** 2
+  parts = {
+      "stem": 2.0 * tokens * (p * p * 3) * c,
+      # Dense(tokens -> tokens_mlp_dim) and back, applied to each of the c channels.
+      "token_mixing": model.num_blocks * 2 * (2.0 * c * tokens * model.tokens_mlp_dim),
+      # Dense(c -> channels_mlp_dim) and back, applied to each token.
+      "channel_mixing": model.num_blocks * 2 * (2.0 * tokens * c * model.channels_mlp_dim),
+      "head": 2.0 * c * model.num_classes,
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def train_flops_per_image(model: models.MlpMixer, image_size: int) -> float:
+  return 3.0 * forward_flops(model, image_size)["total"]
+
+
+def xla_flops(compiled: Any) -> float | None:
+  """FLOPs of one call of a compiled computation according to XLA's cost analysis."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def peak_dtype(platform: str) -> jnp.dtype:
+  """float32 on CPU; bfloat16 where the matrix units are (GPU, TPU)."""
+  return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
+
+
+def jax_matmul_peak(platform: str, trials: int = 5) -> dict[str, Any]:
+  """Best and median FLOP/s of a jitted chain of square matmuls on the default device."""
+  dtype = peak_dtype(platform)
+  n, reps = (2048, 8) if platform == "cpu" else (8192, 50)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  w = jnp.asarray(rng.standard_normal((n, n)) / np.sqrt(n), dtype)  # keeps |x| stable
+  chain = jax.jit(lambda x, w: jax.lax.fori_loop(0, reps, lambda _, y: y @ w, x))
+  chain(x, w).block_until_ready()
+  rates = []
+  for _ in range(trials):
+    start = time.perf_counter()
+    chain(x, w).block_until_ready()
+    rates.append(2.0 * n**3 * reps / (time.perf_counter() - start))
+  return {"dtype": dtype.name, "n": n, "best_flops": max(rates),
+          "median_flops": float(np.median(rates))}

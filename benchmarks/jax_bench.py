@@ -1,0 +1,111 @@
+"""The real jitted train and eval steps of `mixer.train_lib` on random uint8 device data."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mixer import data, optim, parallel, train_lib
+
+import flops
+import timing
+
+SCHEDULE_EPOCHS = 100  # only shapes the learning-rate schedule; never reached
+
+
+class JaxBench:
+  """Builds the state and data, compiles the train step ahead of time, times single steps.
+
+  The step is jitted exactly as `train_lib.train_and_evaluate` does (donated state,
+  replicated outputs); the ahead-of-time compile fills the same cache that calls use.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int, num_examples: int,
+               counter: timing.CompileCounter, seed: int = 0):
+    self.config, self.counter = config, counter
+    self.mesh = parallel.make_mesh()
+    self.batch_size = config.batch_size
+    self.model = train_lib.build_model(config, num_classes)
+    per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
+    schedule = optim.learning_rate_schedule(config, SCHEDULE_EPOCHS * per_epoch, per_epoch)
+    tx = optim.make_optimizer(config, schedule)
+
+    def create_state():
+      params = train_lib.init_params(self.model, config.image_size, config.seed)
+      return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                  opt_state=tx.init(params))
+
+    replicated = parallel.replicated(self.mesh)
+    self.state = jax.jit(create_state, out_shardings=replicated)()
+    self.num_params = sum(int(x.size) for x in jax.tree.leaves(self.state.params))
+    rng = np.random.default_rng(seed)
+    shape = (num_examples, config.image_size, config.image_size, 3)
+    self.images = parallel.put_replicated(rng.integers(0, 256, shape, np.uint8), self.mesh)
+    self.labels = parallel.put_replicated(
+        rng.integers(0, num_classes, (num_examples,), np.int32), self.mesh)
+    self.step_fn = jax.jit(
+        train_lib.make_train_step(self.model, tx, config, num_examples, num_classes, self.mesh),
+        donate_argnums=0, out_shardings=replicated)
+
+    start = time.perf_counter()
+    lowered = self.step_fn.lower(self.state, self.images, self.labels)
+    self.lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    self.compile_s = time.perf_counter() - start
+    self.xla_flops_per_step = flops.xla_flops(compiled)
+    self.compiles_at_start = counter.count
+    self.compiles_in_first_call = None
+    self.last_metrics = None
+
+  def train_step(self) -> float:
+    """Seconds for one step, waited for (params and metrics)."""
+    first = self.compiles_in_first_call is None
+    start = time.perf_counter()
+    self.state, self.last_metrics = self.step_fn(self.state, self.images, self.labels)
+    jax.block_until_ready((self.state, self.last_metrics))
+    seconds = time.perf_counter() - start
+    if first:
+      self.compiles_in_first_call = self.counter.count - self.compiles_at_start
+    return seconds
+
+  def compiles_after_first_call(self) -> int:
+    return self.counter.count - self.compiles_at_start - (self.compiles_in_first_call or 0)
+
+  def loss(self) -> float:
+    return float(jax.device_get(self.last_metrics)[0])
+
+
+class EvalBench:
+  """`train_lib.Evaluator` on random uint8 images; times its jitted step batch by batch."""
+
+  def __init__(self, bench: JaxBench, num_classes: int, num_batches: int = 4, seed: int = 1):
+    config, batch = bench.config, bench.batch_size
+    rng = np.random.default_rng(seed)
+    n = num_batches * batch
+    split = data.Split(
+        images=rng.integers(0, 256, (n, config.image_size, config.image_size, 3), np.uint8),
+        labels=rng.integers(0, num_classes, (n,), np.int32),
+        class_names=[str(i) for i in range(num_classes)])
+    self.bench = bench
+    self.evaluator = train_lib.Evaluator(bench.model, split, config.image_size, batch, bench.mesh)
+    start = time.perf_counter()
+    self.evaluator.step.lower(bench.state.params, *self.evaluator.arrays, np.int32(0)).compile()
+    self.compile_s = time.perf_counter() - start
+    self.calls = 0
+
+  def eval_step(self) -> float:
+    index = np.int32(self.calls % self.evaluator.num_batches)
+    self.calls += 1
+    start = time.perf_counter()
+    jax.block_until_ready(self.evaluator.step(self.bench.state.params, *self.evaluator.arrays,
+                                              index))
+    return time.perf_counter() - start
+
+  def full_pass(self) -> dict[str, Any]:
+    """One `Evaluator.__call__` over the whole (random) split: checks the real path runs."""
+    return self.evaluator(self.bench.state.params)

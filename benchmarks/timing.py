@@ -1,0 +1,70 @@
+"""Measurement helpers: synchronised step timing, a compile counter, peak memory."""
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+  """Counts XLA backend compilations (and their seconds) via jax.monitoring."""
+
+  def __init__(self):
+    self.count = 0
+    self.seconds = 0.0
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
+    del kwargs
+    if event == BACKEND_COMPILE_EVENT:
+      self.count += 1
+      self.seconds += duration
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+  """Runs fn, waits for every array it returns, and returns (result, seconds)."""
+  start = time.perf_counter()
+  result = jax.block_until_ready(fn())
+  return result, time.perf_counter() - start
+
+
+def summarize(seconds: list[float], batch_size: int) -> dict[str, float]:
+  """Median step time and the images/s it gives, plus the spread."""
+  median = float(np.median(seconds))
+  return {"steps": len(seconds), "median_s": median, "min_s": float(min(seconds)),
+          "max_s": float(max(seconds)), "img_per_s": batch_size / median}
+
+
+def reset_peak_rss() -> bool:
+  """Resets this process's VmHWM (Linux: `echo 5 > /proc/self/clear_refs`)."""
+  try:
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def peak_rss_bytes() -> int:
+  """Peak resident set size since the last reset (VmHWM), else since the process start."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_peak_bytes(device: jax.Device) -> int | None:
+  """The backend's peak bytes in use (GPU/TPU); None where it reports nothing (CPU)."""
+  stats = device.memory_stats()
+  if not stats:
+    return None
+  return stats.get("peak_bytes_in_use")

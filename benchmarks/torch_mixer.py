@@ -1,0 +1,150 @@
+"""The PyTorch eager peer for `--compare`: the same Mixer shapes trained with AdamW.
+
+timm's `MlpMixer` is used when it imports; otherwise (timm missing, or timm failing to
+import torchvision, as PyPI's CUDA-built torchvision does next to torch's CPU wheel) a
+minimal Mixer of identical shapes defined here. Both use the tanh GELU and LayerNorm
+epsilon 1e-6 of `mixer.models`. The torch step gets a ready float batch (no gather,
+crop/flip or mixup, which the JAX step does on the device).
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LN_EPSILON = 1e-6
+
+
+class MlpBlock(nn.Sequential):
+
+  def __init__(self, width: int, mlp_dim: int):
+    super().__init__(nn.Linear(width, mlp_dim), nn.GELU(approximate="tanh"),
+                     nn.Linear(mlp_dim, width))
+
+
+class MixerBlock(nn.Module):
+
+  def __init__(self, tokens: int, width: int, tokens_mlp_dim: int, channels_mlp_dim: int,
+               drop_path: float):
+    super().__init__()
+    self.norm1 = nn.LayerNorm(width, eps=LN_EPSILON)
+    self.token_mixing = MlpBlock(tokens, tokens_mlp_dim)
+    self.norm2 = nn.LayerNorm(width, eps=LN_EPSILON)
+    self.channel_mixing = MlpBlock(width, channels_mlp_dim)
+    self.drop_path = drop_path
+
+  def _drop(self, y: torch.Tensor) -> torch.Tensor:
+    if not self.training or self.drop_path == 0:
+      return y
+    keep = 1.0 - self.drop_path
+    mask = torch.empty((y.shape[0], 1, 1), dtype=y.dtype, device=y.device).bernoulli_(keep)
+    return y * mask / keep
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x = x + self._drop(self.token_mixing(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+    return x + self._drop(self.channel_mixing(self.norm2(x)))
+
+
+class MinimalMixer(nn.Module):
+  """Patch stem, Mixer blocks, LayerNorm, mean over tokens, linear head (NCHW input)."""
+
+  def __init__(self, num_classes: int, image_size: int, patch_size: int, hidden_dim: int,
+               num_blocks: int, tokens_mlp_dim: int, channels_mlp_dim: int,
+               stoch_depth: float = 0.0):
+    super().__init__()
+    tokens = (image_size // patch_size) ** 2
+    self.stem = nn.Conv2d(3, hidden_dim, patch_size, stride=patch_size)
+    self.blocks = nn.Sequential(*[
+        MixerBlock(tokens, hidden_dim, tokens_mlp_dim, channels_mlp_dim,
+                   stoch_depth * i / max(num_blocks - 1, 1)) for i in range(num_blocks)])
+    self.norm = nn.LayerNorm(hidden_dim, eps=LN_EPSILON)
+    self.head = nn.Linear(hidden_dim, num_classes)
+
+  def forward(self, images: torch.Tensor) -> torch.Tensor:
+    x = self.stem(images).flatten(2).transpose(1, 2)  # (batch, tokens, channels)
+    return self.head(self.norm(self.blocks(x)).mean(dim=1))
+
+
+def _timm_mixer(dims: dict[str, Any], num_classes: int, image_size: int) -> nn.Module:
+  from timm.models import mlp_mixer  # pylint: disable=g-import-not-at-top
+  width = dims["hidden_dim"]
+  # timm applies one drop-path rate to every block (ours grows linearly); close enough.
+  return mlp_mixer.MlpMixer(
+      num_classes=num_classes, img_size=image_size, patch_size=dims["patch_size"],
+      num_blocks=dims["num_blocks"], embed_dim=width,
+      mlp_ratio=(dims["tokens_mlp_dim"] / width, dims["channels_mlp_dim"] / width),
+      act_layer=functools.partial(nn.GELU, approximate="tanh"),
+      drop_path_rate=dims["stoch_depth"])
+
+
+def build(dims: dict[str, Any], num_classes: int, image_size: int,
+          impl: str = "auto") -> tuple[nn.Module, str, str | None]:
+  """(model, 'timm' or 'minimal', why timm was not used); impl: 'auto', 'timm', 'minimal'."""
+  timm_error = None
+  if impl in ("auto", "timm"):
+    try:
+      return _timm_mixer(dims, num_classes, image_size), "timm", None
+    except Exception as e:  # pylint: disable=broad-except  # e.g. a broken torchvision
+      if impl == "timm":
+        raise
+      timm_error = f"{type(e).__name__}: {e}"
+  model = MinimalMixer(num_classes, image_size, dims["patch_size"], dims["hidden_dim"],
+                       dims["num_blocks"], dims["tokens_mlp_dim"], dims["channels_mlp_dim"],
+                       dims["stoch_depth"])
+  return model, "minimal", timm_error
+
+
+class Trainer:
+  """One AdamW step of forward, backward, clipping and update on a fixed batch."""
+
+  def __init__(self, model: nn.Module, config: ml_collections.ConfigDict, num_classes: int,
+               batch_size: int, image_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    self.model = model.train()
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    self.opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
+    self.clip = config.grad_clip_norm
+    self.label_smoothing = config.label_smoothing
+    self.images = torch.randn(batch_size, 3, image_size, image_size)
+    self.labels = torch.randint(0, num_classes, (batch_size,))
+
+  def step(self) -> float:
+    """Seconds for one step (eager CPU ops are synchronous)."""
+    start = time.perf_counter()
+    self.opt.zero_grad(set_to_none=True)
+    logits = self.model(self.images)
+    loss = F.cross_entropy(logits, self.labels, label_smoothing=self.label_smoothing)
+    loss.backward()
+    if self.clip > 0:
+      nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+    self.opt.step()
+    return time.perf_counter() - start
+
+
+def num_params(model: nn.Module) -> int:
+  return sum(p.numel() for p in model.parameters())
+
+
+def matmul_peak(trials: int = 5, n: int = 2048, reps: int = 8) -> dict[str, Any]:
+  """Best and median float32 torch.mm FLOP/s on the CPU."""
+  x = torch.randn(n, n)
+  w = torch.randn(n, n) / n**0.5
+  rates = []
+  for trial in range(trials + 1):
+    start = time.perf_counter()
+    y = x
+    for _ in range(reps):
+      y = y @ w
+    if trial:  # the first is a warm-up
+      rates.append(2.0 * n**3 * reps / (time.perf_counter() - start))
+  return {"dtype": "float32", "n": n, "threads": torch.get_num_threads(),
+          "best_flops": max(rates), "median_flops": float(np.median(rates))}
