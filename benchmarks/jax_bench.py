@@ -32,7 +32,7 @@ class JaxBench:
     self.model = train_lib.build_model(config, num_classes)
     per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
     schedule = optim.learning_rate_schedule(config, SCHEDULE_EPOCHS * per_epoch, per_epoch)
-    tx = optim.make_optimizer(config, schedule)
+    self.tx = tx = optim.make_optimizer(config, schedule)
 
     def create_state():
       params = train_lib.init_params(self.model, config.image_size, config.seed)
@@ -57,24 +57,25 @@ class JaxBench:
     start = time.perf_counter()
     compiled = lowered.compile()
     self.compile_s = time.perf_counter() - start
+    self.compiled = compiled
     self.xla_flops_per_step = flops.xla_flops(compiled)
-    self.compiles_at_start = counter.count
-    self.compiles_in_first_call = None
+    self.compiles_in_first_call: int | None = None
+    self.compiles_after_first_call = 0
     self.last_metrics = None
 
   def train_step(self) -> float:
-    """Seconds for one step, waited for (params and metrics)."""
-    first = self.compiles_in_first_call is None
+    """Seconds for one step, waited for (params and metrics); counts compilations in it."""
+    compiles = self.counter.count
     start = time.perf_counter()
     self.state, self.last_metrics = self.step_fn(self.state, self.images, self.labels)
     jax.block_until_ready((self.state, self.last_metrics))
     seconds = time.perf_counter() - start
-    if first:
-      self.compiles_in_first_call = self.counter.count - self.compiles_at_start
+    compiles = self.counter.count - compiles
+    if self.compiles_in_first_call is None:
+      self.compiles_in_first_call = compiles
+    else:
+      self.compiles_after_first_call += compiles
     return seconds
-
-  def compiles_after_first_call(self) -> int:
-    return self.counter.count - self.compiles_at_start - (self.compiles_in_first_call or 0)
 
   def loss(self) -> float:
     return float(jax.device_get(self.last_metrics)[0])

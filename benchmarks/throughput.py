@@ -158,7 +158,7 @@ def bench_config(name: str, args: argparse.Namespace, counter: Any, peak_flops: 
                                 "xla_over_analytic": xla / train_flops if xla else None},
       "compile": {"lower_s": bench.lower_s, "compile_s": bench.compile_s,
                   "compiles_in_first_call": bench.compiles_in_first_call,
-                  "compiles_after_first_call": bench.compiles_after_first_call(),
+                  "compiles_after_first_call": bench.compiles_after_first_call,
                   "jit_cache_size": bench.step_fn._cache_size()},  # pylint: disable=protected-access
       "warmup_s": warmup, "train": summary, "train_step_seconds": train_s,
       "achieved_flops": achieved, "mfu": achieved / peak_flops,
@@ -185,17 +185,23 @@ def _torch_peer(bench: Any, config: Any, spec: Any, args: argparse.Namespace) ->
   model, impl, timm_error = torch_mixer.build(dims, spec.num_classes, config.image_size,
                                               args.torch_impl)
   trainer = torch_mixer.Trainer(model, config, spec.num_classes, config.batch_size,
-                                config.image_size)
-  warmup = [trainer.step() for _ in range(args.warmup)]
+                                config.image_size, args.torch_device)
+  threads = torch_mixer.pick_threads(trainer, args.warmup)
   setup = {"impl": impl, "timm_error": timm_error, "params": torch_mixer.num_params(model),
-           "warmup_s": warmup}
+           **threads}
   if setup["params"] != bench.num_params:
     print(f"  warning: torch peer has {setup['params']} parameters, JAX {bench.num_params}")
   return trainer, setup
 
 
-def _fmt_bytes(n: int | None) -> str:
-  return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+def _fmt_memory(memory: dict[str, Any]) -> str:
+  """Device peak; on CPU the process peak RSS and its rise over the config's start."""
+  peak = memory["peak_bytes"]
+  if peak is None:
+    return "n/a"
+  if memory["source"].startswith("device"):
+    return f"{peak / 2**30:.2f} GiB"
+  return f"{peak / 2**30:.2f} GiB RSS (+{(peak - memory['start_rss_bytes']) / 2**30:.2f})"
 
 
 def table(results: list[dict[str, Any]], compare: bool) -> str:
@@ -213,11 +219,12 @@ def table(results: list[dict[str, Any]], compare: bool) -> str:
              f"{f['analytic'] / 1e9:.3f} / {xla}", f"{r['train']['img_per_s']:.1f}",
              f"{r['eval']['img_per_s']:.1f}" if "eval" in r else "n/a",
              f"{comp['lower_s'] + comp['compile_s']:.1f}", f"{100 * r['mfu']:.1f}%",
-             _fmt_bytes(r["memory"]["peak_bytes"]),
+             _fmt_memory(r["memory"]),
              f"{recompiles}" + ("" if recompiles == 0 else " (!)")]
     if compare:
       t = r.get("torch")
-      cells += [f"{t['img_per_s']:.1f} ({r['torch_setup']['impl']})" if t else "n/a",
+      setup = r.get("torch_setup", {})
+      cells += [f"{t['img_per_s']:.1f} ({setup['impl']}, {setup['threads']}t)" if t else "n/a",
                 f"{t['jax_over_torch']:.2f}x" if t else "n/a"]
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)
@@ -245,10 +252,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   peaks = {"jax_start": flops.jax_matmul_peak(device.platform)}
   torch_info = None
   if args.compare:
-    import torch  # pylint: disable=g-import-not-at-top
-    import torch_mixer  # pylint: disable=g-import-not-at-top
-    torch_info = {"version": torch.__version__, "threads": torch.get_num_threads()}
-    peaks["torch_start"] = torch_mixer.matmul_peak()
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+      import torch_mixer  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise SystemExit(f"--compare needs PyTorch: pip install torch==2.13.0 timm ({e})")
+    args.torch_device = torch_mixer.device_for(device.platform)
+    if args.torch_device is None:
+      print(f"--compare: this torch cannot use the {device.platform} device; skipping the "
+            "PyTorch peer (a CPU peer would not be comparable).")
+      args.compare = False
+  if args.compare:
+    torch_info = {"version": torch.__version__, "threads": torch.get_num_threads(),
+                  "device": args.torch_device,
+                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    peaks["torch_start"] = torch_mixer.matmul_peak(args.torch_device)
   peak = peaks["jax_start"]["best_flops"]
   print(f"matmul peak ({peaks['jax_start']['dtype']}): {peak / 1e9:.0f} GFLOP/s", flush=True)
 
@@ -256,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   peaks["jax_end"] = flops.jax_matmul_peak(device.platform)
   if args.compare:
-    peaks["torch_end"] = torch_mixer.matmul_peak()
+    peaks["torch_end"] = torch_mixer.matmul_peak(args.torch_device)
   best = max(peaks["jax_start"]["best_flops"], peaks["jax_end"]["best_flops"])
   for r in results:  # MFU against the best peak seen in this run
     r["mfu"] = r["achieved_flops"] / best

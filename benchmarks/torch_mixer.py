@@ -104,9 +104,10 @@ class Trainer:
   """One AdamW step of forward, backward, clipping and update on a fixed batch."""
 
   def __init__(self, model: nn.Module, config: ml_collections.ConfigDict, num_classes: int,
-               batch_size: int, image_size: int, seed: int = 0):
+               batch_size: int, image_size: int, device: str = "cpu", seed: int = 0):
     torch.manual_seed(seed)
-    self.model = model.train()
+    self.device = torch.device(device)
+    self.model = model.to(self.device).train()
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     self.opt = torch.optim.AdamW(
@@ -114,11 +115,11 @@ class Trainer:
          {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
     self.clip = config.grad_clip_norm
     self.label_smoothing = config.label_smoothing
-    self.images = torch.randn(batch_size, 3, image_size, image_size)
-    self.labels = torch.randint(0, num_classes, (batch_size,))
+    self.images = torch.randn(batch_size, 3, image_size, image_size, device=self.device)
+    self.labels = torch.randint(0, num_classes, (batch_size,), device=self.device)
 
   def step(self) -> float:
-    """Seconds for one step (eager CPU ops are synchronous)."""
+    """Seconds for one step, waited for."""
     start = time.perf_counter()
     self.opt.zero_grad(set_to_none=True)
     logits = self.model(self.images)
@@ -127,23 +128,58 @@ class Trainer:
     if self.clip > 0:
       nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
     self.opt.step()
+    if self.device.type == "cuda":
+      torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def pick_threads(trainer: Trainer, warmup: int = 1) -> dict[str, Any]:
+  """Keeps the faster of torch's default thread count and 1 thread, timed on this trainer.
+
+  On a CPU shared with other work, OpenMP's busy-waiting threads can make the default
+  several times slower than one thread (unless OMP_WAIT_POLICY=PASSIVE), so the peer gets
+  whichever of the two is faster now.
+  """
+  default = torch.get_num_threads()
+  seconds = {}
+  candidates = {default, 1} if trainer.device.type == "cpu" else {default}
+  for threads in sorted(candidates, reverse=True):
+    torch.set_num_threads(threads)
+    for _ in range(warmup):
+      trainer.step()
+    seconds[threads] = trainer.step()
+  best = min(seconds, key=seconds.get)
+  torch.set_num_threads(best)
+  return {"threads": best, "default_threads": default,
+          "probe_step_s": {str(k): v for k, v in seconds.items()}}
 
 
 def num_params(model: nn.Module) -> int:
   return sum(p.numel() for p in model.parameters())
 
 
-def matmul_peak(trials: int = 5, n: int = 2048, reps: int = 8) -> dict[str, Any]:
-  """Best and median float32 torch.mm FLOP/s on the CPU."""
-  x = torch.randn(n, n)
-  w = torch.randn(n, n) / n**0.5
+def device_for(platform: str) -> str | None:
+  """The torch device matching JAX's platform, or None when torch cannot use it."""
+  if platform == "cpu":
+    return "cpu"
+  if platform == "gpu" and torch.cuda.is_available():
+    return "cuda"
+  return None
+
+
+def matmul_peak(device: str = "cpu", trials: int = 5, n: int = 2048,
+                reps: int = 8) -> dict[str, Any]:
+  """Best and median float32 torch.mm FLOP/s."""
+  x = torch.randn(n, n, device=device)
+  w = torch.randn(n, n, device=device) / n**0.5
   rates = []
   for trial in range(trials + 1):
     start = time.perf_counter()
     y = x
     for _ in range(reps):
       y = y @ w
+    if device == "cuda":
+      torch.cuda.synchronize()
     if trial:  # the first is a warm-up
       rates.append(2.0 * n**3 * reps / (time.perf_counter() - start))
   return {"dtype": "float32", "n": n, "threads": torch.get_num_threads(),

@@ -41,6 +41,8 @@ def reexec_with_tcmalloc() -> None:
 
 def quiet_orbax_logs() -> None:
   """Orbax logs every file it writes at INFO; keep its warnings only."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.get_absl_logger().addFilter(
-      lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+  keep = lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
+  # absl's handler forwards records to its python handler without applying its own filters.
+  logging.get_absl_handler().python_handler.addFilter(keep)
