@@ -27,5 +27,8 @@ setup(
         "test": ["pytest>=8"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
+        # PyTorch peer for benchmarks/throughput.py --compare (on CPU-only machines
+        # torch==2.13.0 resolves to a CPU build here; elsewhere install the CPU wheel first).
+        "benchmark": ["torch==2.13.0", "timm"],
     },
 )

@@ -17,6 +17,18 @@ import timing
 SCHEDULE_EPOCHS = 100  # only shapes the learning-rate schedule; never reached
 
 
+def xla_memory(compiled: Any) -> dict[str, int] | None:
+  """Argument, output and temporary buffer bytes of a compiled computation, per XLA."""
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+  if analysis is None:
+    return None
+  return {k: int(getattr(analysis, f"{k}_size_in_bytes"))
+          for k in ("argument", "output", "alias", "temp")}
+
+
 class JaxBench:
   """Builds the state and data, compiles the train step ahead of time, times single steps.
 
@@ -59,6 +71,7 @@ class JaxBench:
     self.compile_s = time.perf_counter() - start
     self.compiled = compiled
     self.xla_flops_per_step = flops.xla_flops(compiled)
+    self.xla_memory = xla_memory(compiled)
     self.compiles_in_first_call: int | None = None
     self.compiles_after_first_call = 0
     self.last_metrics = None

@@ -110,6 +110,8 @@ def trace_ops(bench: Any, steps: int, trace_dir: str) -> dict[str, Any]:
       "op_seconds_per_step": sum(v["seconds"] for v in per_step.values()),
       "by_category": hlo_profile.group(per_step, lambda n: hlo_profile.category(n, hlo)),
       "by_origin": hlo_profile.group(per_step, lambda n: hlo_profile.origin(n, hlo)),
+      "by_origin_and_category": hlo_profile.group(
+          per_step, lambda n: f"{hlo_profile.origin(n, hlo)}: {hlo_profile.category(n, hlo)}"),
       "top_ops": [
           {"op": n, "seconds": v["seconds"], "category": hlo_profile.category(n, hlo),
            "origin": hlo_profile.origin(n, hlo)}
@@ -117,10 +119,11 @@ def trace_ops(bench: Any, steps: int, trace_dir: str) -> dict[str, Any]:
   }
 
 
-def _print_shares(title: str, seconds: dict[str, float], total: float) -> None:
+def _print_shares(title: str, seconds: dict[str, float], total: float,
+                  at_least: float = 0.005) -> None:
   print(f"\n{title}")
   for key, value in seconds.items():
-    if value / total >= 0.005:
+    if value / total >= at_least:
       print(f"  {key:45s} {value:8.3f} s  {100 * value / total:5.1f}%")
 
 
@@ -152,7 +155,7 @@ def main() -> None:
   print(f"\nreal step {step_s:.2f} s; minor page faults/step "
         f"{report['page_faults']['minor_per_step']:.0f}", flush=True)
   report["parts"] = time_parts(bench, spec.num_classes, args.reps)
-  _print_shares("pieces jitted alone (share of the real step):", report["parts"], step_s)
+  _print_shares("pieces jitted alone (share of the real step):", report["parts"], step_s, 0.0)
   with tempfile.TemporaryDirectory() as trace_dir:
     report["trace"] = trace_ops(bench, args.trace_steps, trace_dir)
   trace = report["trace"]
@@ -161,6 +164,7 @@ def main() -> None:
         f"{total:.2f} s")
   _print_shares("op time by kind:", trace["by_category"], total)
   _print_shares("op time by origin:", trace["by_origin"], total)
+  _print_shares("op time by origin and kind:", trace["by_origin_and_category"], total, 0.01)
   matmul_s = sum(v for k, v in trace["by_category"].items() if k.startswith("matmul"))
   train_flops = flops.train_flops_per_image(bench.model, config.image_size) * config.batch_size
   report["matmul_flops_per_s_in_matmul_ops"] = train_flops / matmul_s if matmul_s else None

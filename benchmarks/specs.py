@@ -59,15 +59,16 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
   parent[leaf] = value
 
 
-def load_config(spec: Spec, batch_size: int) -> ml_collections.ConfigDict:
-  """The spec's config with its overrides, batch sizes set and no gradient accumulation."""
+def load_config(spec: Spec, batch_size: int,
+                extra: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The spec's config with its overrides (then `extra`), batch sizes set, no accumulation."""
   path = os.path.join(ROOT, spec.config_file)
   module_spec = importlib.util.spec_from_file_location(f"bench_config_{spec.name}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   config = module.get_config(spec.config_arg)
-  overrides = dict(spec.overrides, batch_size=batch_size, eval_batch_size=batch_size,
-                   grad_accum_steps=1, init_from="")
+  overrides = {**spec.overrides, "batch_size": batch_size, "eval_batch_size": batch_size,
+               "grad_accum_steps": 1, "init_from": "", **(extra or {})}
   for key, value in overrides.items():
     _set(config, key, value)
   return config

@@ -51,6 +51,16 @@ def _per_config(value: str | None, names: list[str], what: str) -> dict[str, int
   return out
 
 
+def _parse_override(item: str) -> tuple[str, Any]:
+  key, sep, value = item.partition("=")
+  if not sep:
+    raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+  try:
+    return key, json.loads(value)
+  except json.JSONDecodeError:
+    return key, value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--compare", action="store_true",
                       help="also time a PyTorch eager peer (needs torch; timm optional)")
   parser.add_argument("--torch_impl", choices=("auto", "timm", "minimal"), default="auto")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override for every selected config, e.g. "
+                      "model.dtype=bfloat16 (repeatable; VALUE parsed as JSON, else a string)")
   parser.add_argument("--no_eval", action="store_true", help="skip the eval-step timing")
   parser.add_argument("--out", default=None,
                       help="JSON path (default benchmarks/results/<device>_<timestamp>.json)")
@@ -79,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.error(f"unknown configs {unknown}; known: {', '.join(specs.SPECS)}")
   args.batch_sizes = _per_config(args.batch_size, args.names, "batch_size")
   args.step_counts = _per_config(args.steps, args.names, "steps")
+  args.overrides = dict(_parse_override(item) for item in args.set)
   if args.passes < 1 or args.warmup < 1:
     parser.error("--passes and --warmup must be >= 1")
   return args
@@ -91,6 +105,14 @@ def _timed_steps_per_pass(args: argparse.Namespace, name: str, step_s: float) ->
   return max(1, math.ceil(total / args.passes))
 
 
+MODEL_FIELDS = ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim",
+                "stoch_depth")
+
+
+def _model_dims(model: Any) -> dict[str, Any]:
+  return {k: getattr(model, k) for k in MODEL_FIELDS}
+
+
 def _memory(device: Any) -> dict[str, Any]:
   import timing  # pylint: disable=g-import-not-at-top
   peak = timing.device_peak_bytes(device)
@@ -99,22 +121,27 @@ def _memory(device: Any) -> dict[str, Any]:
   return {"peak_bytes": timing.peak_rss_bytes(), "source": "process peak RSS (VmHWM)"}
 
 
-def bench_config(name: str, args: argparse.Namespace, counter: Any, peak_flops: float,
+def bench_config(name: str, args: argparse.Namespace, counter: Any, peaks: list[float],
                  device: Any) -> dict[str, Any]:
-  """Every measurement of one shape; the PyTorch peer too with --compare."""
+  """Every measurement of one shape; the PyTorch peer too with --compare.
+
+  Appends a fresh matmul-peak measurement to `peaks` (the load may change during a run).
+  """
   import flops  # pylint: disable=g-import-not-at-top
   import jax_bench  # pylint: disable=g-import-not-at-top
   import timing  # pylint: disable=g-import-not-at-top
   spec = specs.SPECS[name]
   batch = args.batch_sizes.get(name, spec.batch_size)
-  config = specs.load_config(spec, batch)
+  config = specs.load_config(spec, batch, args.overrides)
   num_examples = spec.num_examples(config.image_size)
   gc.collect()
+  timing.release_free_memory()
   timing.reset_peak_rss()
   start_rss = timing.peak_rss_bytes()
   print(f"[{name}] {spec.description}, batch {batch}: compiling ...", flush=True)
   bench = jax_bench.JaxBench(config, spec.num_classes, num_examples, counter)
   warmup = [bench.train_step() for _ in range(args.warmup)]
+  peaks.append(flops.jax_matmul_peak(device.platform, trials=3)["best_flops"])
   per_pass = _timed_steps_per_pass(args, name, warmup[-1])
   print(f"[{name}] compiled in {bench.compile_s:.1f}s; first step {warmup[0]:.2f}s, then "
         f"{warmup[-1]:.2f}s; timing {args.passes} x {per_pass} steps", flush=True)
@@ -146,13 +173,12 @@ def bench_config(name: str, args: argparse.Namespace, counter: Any, peak_flops: 
   achieved = train_flops * summary["img_per_s"]
   result.update({
       "name": name, "description": spec.description, "config_file": spec.config_file,
-      "config_arg": spec.config_arg, "overrides": spec.overrides, "batch_size": batch,
+      "config_arg": spec.config_arg, "overrides": dict(spec.overrides, **args.overrides),
+      "batch_size": batch,
       "image_size": config.image_size, "num_classes": spec.num_classes,
       "optimizer": config.optimizer, "num_examples_on_device": num_examples,
       "params": bench.num_params,
-      "model": {k: getattr(dims, k) for k in ("patch_size", "hidden_dim", "num_blocks",
-                                               "tokens_mlp_dim", "channels_mlp_dim",
-                                               "stoch_depth")},
+      "model": _model_dims(dims),
       "forward_flops_per_image": analytic,
       "train_flops_per_image": {"analytic": train_flops, "xla": xla,
                                 "xla_over_analytic": xla / train_flops if xla else None},
@@ -161,14 +187,16 @@ def bench_config(name: str, args: argparse.Namespace, counter: Any, peak_flops: 
                   "compiles_after_first_call": bench.compiles_after_first_call,
                   "jit_cache_size": bench.step_fn._cache_size()},  # pylint: disable=protected-access
       "warmup_s": warmup, "train": summary, "train_step_seconds": train_s,
-      "achieved_flops": achieved, "mfu": achieved / peak_flops,
+      "xla_memory": bench.xla_memory,
+      "achieved_flops": achieved, "mfu": achieved / max(peaks),
+      "matmul_peak_before_timing": peaks[-1],
       "final_loss": bench.loss(),
   })
   if peer is not None:
     torch_summary = timing.summarize(torch_s, batch)
     result["torch"] = dict(torch_summary, step_seconds=torch_s,
                            jax_over_torch=summary["img_per_s"] / torch_summary["img_per_s"],
-                           mfu=train_flops * torch_summary["img_per_s"] / peak_flops)
+                           mfu=train_flops * torch_summary["img_per_s"] / max(peaks))
   print(f"[{name}] train {summary['img_per_s']:.1f} img/s (MFU {100 * result['mfu']:.1f}%)"
         + (f", torch {result['torch']['img_per_s']:.1f} img/s" if "torch" in result else ""),
         flush=True)
@@ -179,9 +207,7 @@ def bench_config(name: str, args: argparse.Namespace, counter: Any, peak_flops: 
 
 def _torch_peer(bench: Any, config: Any, spec: Any, args: argparse.Namespace) -> tuple[Any, dict]:
   import torch_mixer  # pylint: disable=g-import-not-at-top
-  dims = {k: getattr(bench.model, k) for k in ("patch_size", "hidden_dim", "num_blocks",
-                                                "tokens_mlp_dim", "channels_mlp_dim",
-                                                "stoch_depth")}
+  dims = _model_dims(bench.model)
   model, impl, timm_error = torch_mixer.build(dims, spec.num_classes, config.image_size,
                                               args.torch_impl)
   trainer = torch_mixer.Trainer(model, config, spec.num_classes, config.batch_size,
@@ -206,7 +232,8 @@ def _fmt_memory(memory: dict[str, Any]) -> str:
 
 def table(results: list[dict[str, Any]], compare: bool) -> str:
   head = ["config", "batch", "params", "GFLOP/img train (analytic / XLA = ratio)",
-          "img/s train", "img/s eval", "compile s", "MFU", "peak mem", "recompiles"]
+          "img/s train", "img/s eval", "compile s", "MFU", "peak mem", "XLA temp",
+          "recompiles"]
   if compare:
     head += ["torch img/s", "JAX/torch"]
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -220,6 +247,7 @@ def table(results: list[dict[str, Any]], compare: bool) -> str:
              f"{r['eval']['img_per_s']:.1f}" if "eval" in r else "n/a",
              f"{comp['lower_s'] + comp['compile_s']:.1f}", f"{100 * r['mfu']:.1f}%",
              _fmt_memory(r["memory"]),
+             f"{r['xla_memory']['temp'] / 2**30:.2f} GiB" if r["xla_memory"] else "n/a",
              f"{recompiles}" + ("" if recompiles == 0 else " (!)")]
     if compare:
       t = r.get("torch")
@@ -267,15 +295,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "device": args.torch_device,
                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     peaks["torch_start"] = torch_mixer.matmul_peak(args.torch_device)
-  peak = peaks["jax_start"]["best_flops"]
-  print(f"matmul peak ({peaks['jax_start']['dtype']}): {peak / 1e9:.0f} GFLOP/s", flush=True)
+  print(f"matmul peak ({peaks['jax_start']['dtype']}): "
+        f"{peaks['jax_start']['best_flops'] / 1e9:.0f} GFLOP/s", flush=True)
 
-  results = [bench_config(name, args, counter, peak, device) for name in args.names]
+  jax_peaks = [peaks["jax_start"]["best_flops"]]
+  results = [bench_config(name, args, counter, jax_peaks, device) for name in args.names]
 
   peaks["jax_end"] = flops.jax_matmul_peak(device.platform)
   if args.compare:
     peaks["torch_end"] = torch_mixer.matmul_peak(args.torch_device)
-  best = max(peaks["jax_start"]["best_flops"], peaks["jax_end"]["best_flops"])
+  peaks["jax_per_config"] = jax_peaks[1:]
+  best = max(jax_peaks + [peaks["jax_end"]["best_flops"]])
   for r in results:  # MFU against the best peak seen in this run
     r["mfu"] = r["achieved_flops"] / best
     if "torch" in r:

@@ -1,9 +1,9 @@
-"""Measurement helpers: synchronised step timing, a compile counter, peak memory."""
+"""Measurement helpers: step-time summaries, a compile counter, peak memory."""
 from __future__ import annotations
 
+import ctypes
 import resource
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,18 +26,24 @@ class CompileCounter:
       self.seconds += duration
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-  """Runs fn, waits for every array it returns, and returns (result, seconds)."""
-  start = time.perf_counter()
-  result = jax.block_until_ready(fn())
-  return result, time.perf_counter() - start
-
-
 def summarize(seconds: list[float], batch_size: int) -> dict[str, float]:
   """Median step time and the images/s it gives, plus the spread."""
   median = float(np.median(seconds))
   return {"steps": len(seconds), "median_s": median, "min_s": float(min(seconds)),
           "max_s": float(max(seconds)), "img_per_s": batch_size / median}
+
+
+def release_free_memory() -> str | None:
+  """Returns freed heap memory to the OS (tcmalloc keeps it otherwise), so that the next
+  config's peak RSS does not start from the previous one's high-water mark."""
+  process = ctypes.CDLL(None)
+  for symbol, args in (("MallocExtension_ReleaseFreeMemory", ()), ("malloc_trim", (0,))):
+    try:
+      getattr(process, symbol)(*args)
+      return symbol
+    except AttributeError:
+      continue
+  return None
 
 
 def reset_peak_rss() -> bool:

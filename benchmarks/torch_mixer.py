@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 LN_EPSILON = 1e-6
+DEFAULT_THREADS = torch.get_num_threads()  # before pick_threads changes it
 
 
 class MlpBlock(nn.Sequential):
@@ -140,13 +141,14 @@ def pick_threads(trainer: Trainer, warmup: int = 1) -> dict[str, Any]:
   several times slower than one thread (unless OMP_WAIT_POLICY=PASSIVE), so the peer gets
   whichever of the two is faster now.
   """
-  default = torch.get_num_threads()
+  default = DEFAULT_THREADS
+  torch.set_num_threads(default)
+  for _ in range(warmup):
+    trainer.step()
   seconds = {}
   candidates = {default, 1} if trainer.device.type == "cpu" else {default}
   for threads in sorted(candidates, reverse=True):
     torch.set_num_threads(threads)
-    for _ in range(warmup):
-      trainer.step()
     seconds[threads] = trainer.step()
   best = min(seconds, key=seconds.get)
   torch.set_num_threads(best)
