@@ -220,3 +220,20 @@ def test_predict_script_exit_status_and_output(run, tmp_path):
     assert all(re.fullmatch(r"\s+\d+\.\d\d%  \w+", line) for line in lines[start + 1:start + 6])
   assert len(lines) == 1 + 2 * 6
 
+
+
+def test_export_script_writes_the_published_layout(run, tmp_path):
+  """export.py -> .npz whose arrays equal the checkpoint's params under '/'-joined names."""
+  from mixer import pretrained  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "run.npz")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), f"--workdir={run}",
+                         "--checkpoint=3", f"--out={out}"], capture_output=True, text=True,
+                        timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "step 3" in proc.stdout
+  flat = pretrained.load_npz(out)
+  _, _, params = evaluation.restore_params(run, 3)
+  expected = pretrained.flatten_params(params)
+  assert set(flat) == set(expected) and "MixerBlock_0/token_mixing/Dense_0/kernel" in flat
+  for key, value in expected.items():
+    np.testing.assert_array_equal(flat[key], np.asarray(value), err_msg=key)

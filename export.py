@@ -1,0 +1,36 @@
+"""Exports a run's parameters as a published-layout Mixer .npz.
+
+  python export.py --workdir=DIR [--checkpoint=latest|best|STEP] --out=mixer.npz
+
+The file has the layout of the published MLP-Mixer checkpoints ('/'-joined Linen paths such
+as `MixerBlock_3/token_mixing/Dense_0/kernel`), so other Mixer code can read it, and
+`--config.init_from=mixer.npz` fine-tunes from it.
+"""
+import sys
+
+from absl import app, flags
+
+from mixer import runtime
+
+flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
+flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval/top1) or a step number.")
+flags.DEFINE_string("out", None, "Path of the .npz to write.", required=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  runtime.quiet_orbax_logs()
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from mixer import evaluation, pretrained  # pylint: disable=g-import-not-at-top
+  try:
+    step, _, params = evaluation.restore_params(FLAGS.workdir, FLAGS.checkpoint)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  pretrained.export_npz(params, FLAGS.out)
+  print(f"Wrote the parameters of step {step} to {FLAGS.out}.")
+
+
+if __name__ == "__main__":
+  runtime.reexec_with_tcmalloc()
+  app.run(main)
