@@ -4,9 +4,11 @@ AdamW, 5 warmup epochs then cosine decay, random crop (4-pixel padding) + flip,
 mixup 0.8 / cutmix 1.0, label smoothing 0.1, stochastic depth 0.1.
 
   python train.py --config=configs/cifar100_s.py --workdir=/tmp/s4
-  python train.py --config=configs/cifar100_s.py:smoke --workdir=/tmp/smoke   # 1-2 minutes
+  python train.py --config=configs/cifar100_s.py:smoke --workdir=/tmp/smoke
 
-Measured: not measured yet (needs an accelerator; about 20-40 img/s on 2 CPU cores).
+Measured: the full recipe not yet (it needs an accelerator: the S/4 train step runs at
+16-18 img/s on the 2-core CPU VM, benchmarks/throughput.py). `:smoke` (Ti/4, 60 steps of 64,
+real CIFAR-100) took 62 s end to end on that VM and reached 2.9% test top-1.
 """
 from mixer import config_lib
 
