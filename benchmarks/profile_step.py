@@ -43,27 +43,12 @@ def time_parts(bench: Any, num_classes: int, reps: int) -> dict[str, float]:
   """Median seconds of the step's pieces, each jitted alone on the step's shapes."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from mixer import augment, data, metrics  # pylint: disable=g-import-not-at-top
+  from mixer import train_lib  # pylint: disable=g-import-not-at-top
   config, model, tx = bench.config, bench.model, bench.tx
   num_examples = bench.labels.shape[0]
 
-  def inputs(step, all_images, all_labels):
-    indices = data.batch_indices(config.seed, step, num_examples, config.batch_size)
-    images, labels = all_images[indices], all_labels[indices]
-    k_crop, k_mix, k_drop = jax.random.split(
-        jax.random.fold_in(jax.random.key(config.seed), step), 3)
-    if config.augment:
-      images = augment.random_crop_flip(k_crop, images)
-    images = data.to_float(images, config.image_size)
-    targets = augment.soft_targets(labels, num_classes, config.label_smoothing)
-    images, targets = augment.mixup_cutmix(k_mix, images, targets, config.mixup_alpha,
-                                           config.cutmix_alpha)
-    return images, targets, labels, k_drop
-
-  def loss_fn(params, images, targets, labels, key):  # as in train_lib.make_train_step
-    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
-    loss = metrics.cross_entropy(logits, targets).mean()
-    return loss, metrics.topk_correct(logits, labels, 1).mean()
+  inputs = train_lib.make_batch_fn(config, num_examples, num_classes)
+  loss_fn = train_lib.make_loss_fn(model)
 
   def update(grads, opt_state, params):
     updates, opt_state = tx.update(grads, opt_state, params)

@@ -6,7 +6,6 @@ channel_mixing/Dense_{0,1}}`, `pre_head_layer_norm`, `head`.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -144,9 +143,3 @@ def count_params(model: nn.Module, image_size: int, channels: int = 3) -> int:
   images = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
   return sum(int(x.size) for x in jax.tree.leaves(shapes["params"]))
-
-
-def model_fields(model: MlpMixer) -> dict[str, Any]:
-  """The module's constructor arguments, e.g. for logging or rebuilding it."""
-  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-          if f.name not in ("parent", "name")}

@@ -48,18 +48,45 @@ def init_params(model: models.MlpMixer, image_size: int, seed: int) -> Any:
   return model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False)["params"]
 
 
+def make_batch_fn(config: ml_collections.ConfigDict, num_examples: int, num_classes: int,
+                  shard: Callable[[jax.Array], jax.Array] = lambda x: x) -> Callable:
+  """(step, train_images, train_labels) -> (images, soft targets, labels, dropout key).
+
+  Gathers step `step`'s examples, applies `shard` to them (a sharding constraint), and
+  augments them with rngs folded from (seed, step). Jittable.
+  """
+  def batch_fn(step, all_images, all_labels):
+    indices = data.batch_indices(config.seed, step, num_examples, config.batch_size)
+    images, labels = shard(all_images[indices]), shard(all_labels[indices])
+    k_crop, k_mix, k_drop = jax.random.split(
+        jax.random.fold_in(jax.random.key(config.seed), step), 3)
+    if config.augment:
+      images = augment.random_crop_flip(k_crop, images)
+    images = data.to_float(images, config.image_size)
+    targets = augment.soft_targets(labels, num_classes, config.label_smoothing)
+    images, targets = augment.mixup_cutmix(k_mix, images, targets, config.mixup_alpha,
+                                           config.cutmix_alpha)
+    return images, targets, labels, k_drop
+  return batch_fn
+
+
+def make_loss_fn(model: models.MlpMixer) -> Callable:
+  """(params, images, targets, labels, dropout key) -> (mean loss, top-1)."""
+  def loss_fn(params, images, targets, labels, key):
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+    loss = metrics.cross_entropy(logits, targets).mean()
+    return loss, metrics.topk_correct(logits, labels, 1).mean()
+  return loss_fn
+
+
 def make_train_step(model: models.MlpMixer, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, num_examples: int, num_classes: int,
                     mesh: jax.sharding.Mesh) -> Callable:
   """(state, train_images, train_labels) -> (state, [loss, top1, grad_norm])."""
   batch, accum = config.batch_size, config.grad_accum_steps
-
-  def loss_fn(params, images, targets, labels, key):
-    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
-    loss = metrics.cross_entropy(logits, targets).mean()
-    return loss, metrics.topk_correct(logits, labels, 1).mean()
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(make_loss_fn(model), has_aux=True)
+  batch_fn = make_batch_fn(config, num_examples, num_classes, shard=lambda x: (
+      jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))))
 
   def accumulated_grads(params, images, targets, labels, key):
     # Microbatch i takes rows i, i+accum, ...: each device keeps its own rows.
@@ -76,17 +103,7 @@ def make_train_step(model: models.MlpMixer, tx: optax.GradientTransformation,
     return (loss / accum, top1 / accum), jax.tree.map(lambda g: g / accum, grads)
 
   def train_step(state: TrainState, all_images: jax.Array, all_labels: jax.Array):
-    indices = data.batch_indices(config.seed, state.step, num_examples, batch)
-    shard = lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))
-    images, labels = shard(all_images[indices]), shard(all_labels[indices])
-    k_crop, k_mix, k_drop = jax.random.split(
-        jax.random.fold_in(jax.random.key(config.seed), state.step), 3)
-    if config.augment:
-      images = augment.random_crop_flip(k_crop, images)
-    images = data.to_float(images, config.image_size)
-    targets = augment.soft_targets(labels, num_classes, config.label_smoothing)
-    images, targets = augment.mixup_cutmix(k_mix, images, targets, config.mixup_alpha,
-                                           config.cutmix_alpha)
+    images, targets, labels, k_drop = batch_fn(state.step, all_images, all_labels)
     if accum == 1:
       (loss, top1), grads = grad_fn(state.params, images, targets, labels, k_drop)
     else:
