@@ -40,5 +40,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_tcmalloc()
+  runtime.prepare_process()
   app.run(main)

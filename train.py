@@ -28,11 +28,12 @@ def main(argv):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from mixer import train_lib  # pylint: disable=g-import-not-at-top
-  logging.info("Memory allocator: %s.", runtime.allocator_in_use())
+  logging.info("Memory allocator: %s; XLA:CPU dots: %s.", runtime.allocator_in_use(),
+               runtime.xla_cpu_dots())
   result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.info("Done: %s", {k: v for k, v in result.items() if k != "logits"})
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_tcmalloc()
+  runtime.prepare_process()
   app.run(main)

@@ -16,6 +16,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _KIND = re.compile(r"kind=(k\w+)")
+# Fusions handed to a kernel library (YNNPACK, XNNPACK, oneDNN): dots, and the odd reduction.
+_LIBRARY_FUSION = re.compile(r'"__(?:ynn|xnn|onednn)_fusion"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 MATMUL_OPS = ("dot", "convolution")
 # Trace events that are not HLO ops (thread-pool bookkeeping, runtime wrappers).
@@ -35,7 +37,7 @@ def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
       kind = _KIND.search(rest)
       op_name = _OP_NAME.search(rest)
       instructions[name] = {"opcode": opcode, "kind": kind.group(1) if kind else None,
-                            "calls": calls, "ynn": '"__ynn_fusion"' in rest,
+                            "calls": calls, "library": bool(_LIBRARY_FUSION.search(rest)),
                             "op_name": op_name.group(1) if op_name else ""}
       if current:
         computations[current].add(opcode)
@@ -68,8 +70,10 @@ def category(name: str, hlo: dict[str, dict[str, Any]]) -> str:
   info = _lookup(name, hlo)
   if info is None:
     return "other"
-  if info["has_matmul"] or info["ynn"]:
+  if info["has_matmul"]:
     return "matmul/conv"
+  if info["library"]:
+    return "library fusion (no dot)"
   opcode, kind = info["opcode"], info["kind"]
   if opcode == "fusion":
     return {"kLoop": "elementwise fusion", "kInput": "reduction fusion"}.get(kind, f"fusion {kind}")

@@ -127,13 +127,14 @@ def main() -> None:
   spec = specs.SPECS[args.config]
   config = specs.load_config(spec, args.batch_size or spec.batch_size)
   print(f"{spec.description}, batch {config.batch_size}; {jax.devices()[0].platform}, "
-        f"allocator {runtime.allocator_in_use()}, load {os.getloadavg()[0]:.2f}", flush=True)
+        f"allocator {runtime.allocator_in_use()}, XLA:CPU dots {runtime.xla_cpu_dots()}, load {os.getloadavg()[0]:.2f}", flush=True)
   bench = jax_bench.JaxBench(config, spec.num_classes, spec.num_examples(config.image_size),
                              timing.CompileCounter())
   bench.train_step()
   bench.train_step()
   report: dict[str, Any] = {"config": spec.name, "batch_size": config.batch_size,
                             "allocator": runtime.allocator_in_use(),
+                            "xla_cpu_dots": runtime.xla_cpu_dots(),
                             "load_start": os.getloadavg()}
   report["page_faults"] = page_faults(bench, 2)
   step_s = report["page_faults"]["step_s"]
@@ -165,5 +166,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_tcmalloc()
+  runtime.prepare_process()
   main()

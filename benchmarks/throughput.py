@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   device = jax.devices()[0]
   load_start = os.getloadavg()
   print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; allocator: "
-        f"{runtime.allocator_in_use()}; load average {load_start[0]:.2f} {load_start[1]:.2f} "
+        f"{runtime.allocator_in_use()}; XLA:CPU dots: {runtime.xla_cpu_dots()}; load average {load_start[0]:.2f} {load_start[1]:.2f} "
         f"{load_start[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
   peaks = {"jax_start": flops.jax_matmul_peak(device.platform)}
   torch_info = None
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "count": jax.device_count(), "cpu_count": os.cpu_count(),
                  "processor": platform.processor() or platform.machine()},
       "allocator": runtime.allocator_in_use(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "xla_cpu_dots": runtime.xla_cpu_dots(),
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                    "optax": optax.__version__},
@@ -341,5 +341,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_tcmalloc()
+  runtime.prepare_process()
   main()

@@ -9,6 +9,10 @@ import tensorflow_datasets as tfds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from mixer import runtime  # pylint: disable=wrong-import-position
+
+runtime.configure_xla_cpu()  # before JAX starts: tests run the XLA:CPU kernels users get
 METADATA_DIR = os.path.join(ROOT, "tests", "tfds_metadata")
 MOCK_EXAMPLES = 128
 

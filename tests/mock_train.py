@@ -14,10 +14,12 @@ import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 from absl import app  # pylint: disable=g-import-not-at-top
 
 import train  # pylint: disable=g-import-not-at-top
+from mixer import runtime  # pylint: disable=g-import-not-at-top
 
 METADATA_DIR = os.path.join(ROOT, "tests", "tfds_metadata")
 
 if __name__ == "__main__":
+  runtime.configure_xla_cpu()  # as train.py does (tcmalloc comes from the test's environment)
   with tfds.testing.mock_data(num_examples=int(os.environ.get("MOCK_NUM_EXAMPLES", "128")),
                               data_dir=METADATA_DIR):
     app.run(train.main)

@@ -105,6 +105,15 @@ def test_eight_devices_match_one(baseline, tmp_path):
   assert metric_at(rows, "eval/num_examples", 12) == MOCK_EXAMPLES
 
 
+def test_default_xla_cpu_kernels_match_onednn(baseline, tmp_path):
+  """The baseline ran with dots on oneDNN (runtime.configure_xla_cpu); XLA's own kernels agree."""
+  workdir = str(tmp_path / "default_kernels")
+  run_mock_train(workdir, *tiny_flags(), env={"MIXER_XLA_CPU": "default"})
+  ref, rows = read_metrics(baseline[0]), read_metrics(workdir)
+  for name, step in [("train/loss", 3), ("train/loss", 12), ("eval/loss", 12)]:
+    np.testing.assert_allclose(metric_at(rows, name, step), metric_at(ref, name, step), rtol=2e-4)
+
+
 def test_two_processes_match_one(baseline, tmp_path):
   workdir = str(tmp_path / "two")
   with socket.socket() as s:
