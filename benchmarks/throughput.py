@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   parser.add_argument("--compare", action="store_true",
                       help="also time a PyTorch eager peer (needs torch; timm optional)")
+  parser.add_argument("--torch_compile", action="store_true",
+                      help="with --compare: the peer runs under torch.compile instead of eager")
   parser.add_argument("--torch_impl", choices=("auto", "timm", "minimal"), default="auto")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override for every selected config, e.g. "
@@ -211,8 +213,9 @@ def _torch_peer(bench: Any, config: Any, spec: Any, args: argparse.Namespace) ->
   model, impl, timm_error = torch_mixer.build(dims, spec.num_classes, config.image_size,
                                               args.torch_impl)
   trainer = torch_mixer.Trainer(model, config, spec.num_classes, config.batch_size,
-                                config.image_size, args.torch_device)
+                                config.image_size, args.torch_device, compiled=args.torch_compile)
   threads = torch_mixer.pick_threads(trainer, args.warmup)
+  impl += "+compile" if args.torch_compile else " eager"
   setup = {"impl": impl, "timm_error": timm_error, "params": torch_mixer.num_params(model),
            **threads}
   if setup["params"] != bench.num_params:

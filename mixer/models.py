@@ -24,20 +24,53 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 LN_EPSILON = 1e-6
 
 
+class TokenDense(nn.Module):
+  """nn.Dense across the token axis of (batch, tokens, channels), without transposing it.
+
+  Holds exactly nn.Dense's parameters (kernel (tokens, features), bias (features,)), so the
+  tree matches the published checkpoints, but computes kernel.T @ x[b] for every example
+  as one batched matmul: no activation transposes, and the weight gradient is a batch of
+  small matmuls instead of one with a 65,536-long contraction. On the 2-core CPU VM
+  (oneDNN dots) Mixer-S/4 token mixing, forward + backward, took 113 ms per block instead
+  of 151 ms with swapaxes + nn.Dense; Ti/4 and B/16 shapes took the same time either way.
+  """
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, tokens, _ = x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (tokens, self.features),
+                        self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    # Broadcasting the (small) kernel gives both operands a batch dimension, so XLA emits a
+    # plain batched matmul rather than transposing the activations around a 2-D one.
+    kernel_t = jnp.broadcast_to(kernel.T, (batch, self.features, tokens))
+    return jnp.einsum("bft,btc->bfc", kernel_t, x) + bias[:, None]
+
+
 class MlpBlock(nn.Module):
-  """Dense -> GELU (tanh approximation) -> Dense back to the input width."""
+  """Dense -> GELU (tanh approximation) -> Dense back to the input width.
+
+  Mixes the last axis of (batch, tokens, channels), or the token axis when `over_tokens`.
+  """
   mlp_dim: int
   dropout: float = 0.0
+  over_tokens: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    width = x.shape[-1]
-    dense = lambda features: nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.gelu(dense(self.mlp_dim)(x))
+    layer = TokenDense if self.over_tokens else nn.Dense
+    width = x.shape[1] if self.over_tokens else x.shape[-1]
+    dense = lambda features, name: layer(features, dtype=self.dtype,
+                                         param_dtype=self.param_dtype, name=name)
+    y = nn.gelu(dense(self.mlp_dim, "Dense_0")(x))
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
-    y = dense(width)(y)
+    y = dense(width, "Dense_1")(y)
     return nn.Dropout(self.dropout)(y, deterministic=not train)
 
 
@@ -56,9 +89,8 @@ class MixerBlock(nn.Module):
     # One keep/drop decision per example, shared by all its tokens and channels.
     drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
     y = nn.LayerNorm(epsilon=LN_EPSILON, **kw)(x)
-    y = jnp.swapaxes(y, 1, 2)
-    y = MlpBlock(self.tokens_mlp_dim, self.dropout, name="token_mixing", **kw)(y, train)
-    y = jnp.swapaxes(y, 1, 2)
+    y = MlpBlock(self.tokens_mlp_dim, self.dropout, over_tokens=True, name="token_mixing",
+                 **kw)(y, train)
     x = x + drop_path(y, deterministic=not train)
     y = nn.LayerNorm(epsilon=LN_EPSILON, **kw)(x)
     y = MlpBlock(self.channels_mlp_dim, self.dropout, name="channel_mixing", **kw)(y, train)

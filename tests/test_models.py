@@ -119,3 +119,19 @@ def test_unknown_variant_is_a_clear_error(name):
 def test_unknown_override_is_a_clear_error():
   with pytest.raises(TypeError, match="hidden_size"):
     mixer.create_model("S/16", 10, hidden_size=3)
+
+
+def test_token_mixing_equals_dense_over_transposed_tokens():
+  """TokenDense holds nn.Dense's parameters (same init) and computes the same function."""
+  x = jax.random.normal(jax.random.key(0), (3, 16, 24))
+  block = models.MlpBlock(mlp_dim=40, over_tokens=True)
+  params = block.init(jax.random.key(1), x, train=False)
+  reference = models.MlpBlock(mlp_dim=40)  # nn.Dense on (batch, channels, tokens)
+  ref_params = reference.init(jax.random.key(1), jnp.swapaxes(x, 1, 2), train=False)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(a, b)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero biases
+  got = block.apply(params, x, train=False)
+  want = jnp.swapaxes(reference.apply(params, jnp.swapaxes(x, 1, 2), train=False), 1, 2)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
