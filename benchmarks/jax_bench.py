@@ -62,9 +62,12 @@ class JaxBench:
     self.step_fn = jax.jit(
         train_lib.make_train_step(self.model, tx, config, num_examples, num_classes, self.mesh),
         donate_argnums=0, out_shardings=replicated)
+    # Timed steps stay in epoch 0 (the loop recomputes the order once per epoch).
+    self.order = train_lib.EpochOrders(config.seed, num_examples, self.batch_size,
+                                       self.mesh)(0, self.state.step)
 
     start = time.perf_counter()
-    lowered = self.step_fn.lower(self.state, self.images, self.labels)
+    lowered = self.step_fn.lower(self.state, self.images, self.labels, self.order)
     self.lower_s = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -80,7 +83,8 @@ class JaxBench:
     """Seconds for one step, waited for (params and metrics); counts compilations in it."""
     compiles = self.counter.count
     start = time.perf_counter()
-    self.state, self.last_metrics = self.step_fn(self.state, self.images, self.labels)
+    self.state, self.last_metrics = self.step_fn(self.state, self.images, self.labels,
+                                                 self.order)
     jax.block_until_ready((self.state, self.last_metrics))
     seconds = time.perf_counter() - start
     compiles = self.counter.count - compiles

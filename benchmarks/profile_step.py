@@ -56,13 +56,14 @@ def time_parts(bench: Any, num_classes: int, reps: int) -> dict[str, float]:
 
   params, step = bench.state.params, bench.state.step
   input_fn = jax.jit(inputs)
-  batch = input_fn(step, bench.images, bench.labels)
+  batch = input_fn(step, bench.images, bench.labels, bench.order)
   forward = jax.jit(loss_fn)
   forward_backward = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   _, grads = forward_backward(params, *batch)
   update_fn = jax.jit(update)
   return {
-      "input pipeline": _median_seconds(lambda: input_fn(step, bench.images, bench.labels), reps),
+      "input pipeline": _median_seconds(
+          lambda: input_fn(step, bench.images, bench.labels, bench.order), reps),
       "forward (train mode) + loss": _median_seconds(lambda: forward(params, *batch), reps),
       "forward + backward": _median_seconds(lambda: forward_backward(params, *batch), reps),
       "optimizer update": _median_seconds(

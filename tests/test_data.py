@@ -30,6 +30,19 @@ def test_batch_indices_are_a_pure_function_of_seed_and_step():
   assert not np.array_equal(epoch0, epoch1), "each epoch is a fresh permutation"
 
 
+def test_epoch_orders_are_computed_once_per_epoch_and_match_batch_indices():
+  from mixer import parallel, train_lib  # pylint: disable=g-import-not-at-top
+  n, b = 100, 32
+  orders = train_lib.EpochOrders(7, n, b, parallel.make_mesh())
+  first = orders(0, jnp.int32(0))
+  assert orders(2, jnp.int32(2)) is first, "the same epoch reuses its order"
+  for step in range(7):
+    order = orders(step, jnp.int32(step))
+    np.testing.assert_array_equal(data.indices_in_order(order, step, b),
+                                  data.batch_indices(7, step, n, b))
+  assert not np.array_equal(orders(3, jnp.int32(3)), first)
+
+
 def test_batch_larger_than_dataset_is_an_error():
   with pytest.raises(ValueError, match="batch_size=64 is larger"):
     data.steps_per_epoch(10, 64)
