@@ -13,6 +13,8 @@ MIXER_XLA_CPU=default).
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import sys
 import time
@@ -88,6 +90,7 @@ def main() -> None:
   parser.add_argument("--backend", choices=("jax", "tensorflow"), default="jax")
   parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per config")
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
   args = parser.parse_args()
   if os.environ.get("KERAS_BACKEND") != args.backend:
     os.environ["KERAS_BACKEND"] = args.backend
@@ -100,10 +103,22 @@ def main() -> None:
         f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s", flush=True)
   print("| config | batch | params | Keras img/s | MFU | first step s |")
   print("|---|---|---|---|---|---|")
+  results = []
   for name in args.configs.split(","):
     r = bench(name, args.seconds, args.warmup)
+    r["mfu"] = r["achieved_flops"] / peak
+    results.append(r)
     print(f"| {name} | {r['batch']} | {r['params']:,} | {r['img_per_s']:.1f} | "
-          f"{100 * r['achieved_flops'] / peak:.1f}% | {r['first_step_s']:.1f} |", flush=True)
+          f"{100 * r['mfu']:.1f}% | {r['first_step_s']:.1f} |", flush=True)
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  out = args.out or os.path.join(HERE, "results", f"keras-{args.backend}-"
+                                 f"{runtime.xla_cpu_dots()}_{stamp}.json")
+  with open(out, "w", encoding="utf-8") as f:
+    json.dump({"keras": keras.__version__, "backend": args.backend,
+               "allocator": runtime.allocator_in_use(), "xla_cpu_dots": runtime.xla_cpu_dots(),
+               "xla_flags": os.environ.get("XLA_FLAGS", ""), "matmul_peak_flops": peak,
+               "load_average": os.getloadavg(), "results": results}, f, indent=1)
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":

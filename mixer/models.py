@@ -155,6 +155,13 @@ OVERRIDES = ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim", "
              "dropout", "dtype", "param_dtype")
 
 
+def resolve_dtype(name: str, platform: str) -> str:
+  """The compute dtype for a config's `model.dtype` on `platform` ('cpu', 'gpu', 'tpu')."""
+  if name != "auto":
+    return name
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
 def create_model(variant: str, num_classes: int, **overrides: Any) -> MlpMixer:
   """Builds a Mixer by variant name; explicit keyword arguments win over the size's defaults."""
   unknown = sorted(set(overrides) - set(OVERRIDES))

@@ -39,8 +39,9 @@ class TrainState:
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.MlpMixer:
   m = config.model
   dims = {k: m[k] for k in ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")}
+  dtype = models.resolve_dtype(m.dtype, jax.default_backend())
   return models.create_model(m.variant, num_classes, stoch_depth=m.stoch_depth,
-                             dropout=m.dropout, dtype=m.dtype, **dims)
+                             dropout=m.dropout, dtype=dtype, **dims)
 
 
 def init_params(model: models.MlpMixer, image_size: int, seed: int) -> Any:

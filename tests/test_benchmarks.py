@@ -64,3 +64,13 @@ def test_throughput_script_runs_and_writes_json(tmp_path):
   assert result["params"] == mixer.count_params(
       mixer.create_model("Ti/8", 100, hidden_dim=256, tokens_mlp_dim=256, channels_mlp_dim=256,
                          num_blocks=4), 64)
+
+
+def test_keras_peer_has_our_parameter_count():
+  import keras_peer  # pylint: disable=g-import-not-at-top
+  model = mixer.create_model("Ti/8", 100, hidden_dim=48, num_blocks=2, tokens_mlp_dim=24,
+                             channels_mlp_dim=96)
+  ours = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                        jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  peer = keras_peer.build(model, 32, 100)
+  assert peer.count_params() == sum(x.size for x in jax.tree.leaves(ours))

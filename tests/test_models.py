@@ -135,3 +135,10 @@ def test_token_mixing_equals_dense_over_transposed_tokens():
   got = block.apply(params, x, train=False)
   want = jnp.swapaxes(reference.apply(params, jnp.swapaxes(x, 1, 2), train=False), 1, 2)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, platform, expected", [
+    ("auto", "cpu", "float32"), ("auto", "gpu", "bfloat16"), ("auto", "tpu", "bfloat16"),
+    ("float16", "gpu", "float16"), ("float32", "tpu", "float32")])
+def test_auto_compute_dtype_is_bfloat16_on_accelerators_only(name, platform, expected):
+  assert models.resolve_dtype(name, platform) == expected
