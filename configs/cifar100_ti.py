@@ -5,7 +5,8 @@
 
 Measured (2-core CPU VM, float32, tcmalloc, seed 0): test top-1 38.25% (top-5 70.91%) after
 5 epochs (1950 steps of batch 128); 44 min wall time while other jobs shared the 2 cores
-(median 109 img/s; the same train step measured alone: 199-211 img/s, benchmarks/throughput.py).
+(median 109 img/s; the same train step measured alone: 199-211 img/s then, 255-272 img/s
+after the oneDNN and token-mixing changes, benchmarks/throughput.py).
 
 Its sweep, get_sweep(): learning rate x weight decay, 6 runs in DIR/<trial>/, ranked in
 DIR/summary.md (`:smoke` sweeps the same grid on the smoke config):
