@@ -13,6 +13,12 @@ competed for the two cores with the next YNNPACK dot. 'individual_dot' keeps eac
 own oneDNN fusion: the 'dot' type also fuses chains of dots, and oneDNN failed to compile
 such a chain ("partition compile failed", process killed). Set MIXER_XLA_CPU=default to opt
 out; flags already in XLA_FLAGS win.
+
+Known XLA bug with these flags (jaxlib 0.10.2): freeing a compiled function while a call of
+it still runs aborts the process ("Check failed: available_.size() == num_created_" in
+~OneDnnFusionThunk), e.g. `jax.jit(lambda x: x @ w)(x)` with the result not yet waited for.
+The scripts keep their compiled steps alive and wait for results before dropping them; code
+of your own run under these flags should do the same (`jax.block_until_ready`).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ updates the replicated parameters. The host only syncs at log, eval and checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -355,6 +356,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_result = {"step": step, "stopped": True}
         break
   finally:
+    # Let a step still running (an exception mid-loop) finish before step_fn is freed: with
+    # dots on oneDNN (runtime.configure_xla_cpu) XLA aborts the process otherwise.
+    with contextlib.suppress(Exception):
+      jax.block_until_ready(state)
     writer.close()
     ckpt.close()
     stop.restore()
