@@ -60,7 +60,7 @@ class JaxBench:
     self.labels = parallel.put_replicated(
         rng.integers(0, num_classes, (num_examples,), np.int32), self.mesh)
     self.step_fn = jax.jit(
-        train_lib.make_train_step(self.model, tx, config, num_examples, num_classes, self.mesh),
+        train_lib.make_train_step(self.model, tx, config, num_classes, self.mesh),
         donate_argnums=0, out_shardings=replicated)
     # Timed steps stay in epoch 0 (the loop recomputes the order once per epoch).
     self.order = train_lib.EpochOrders(config.seed, num_examples, self.batch_size,

@@ -45,9 +45,8 @@ def time_parts(bench: Any, num_classes: int, reps: int) -> dict[str, float]:
   import optax  # pylint: disable=g-import-not-at-top
   from mixer import train_lib  # pylint: disable=g-import-not-at-top
   config, model, tx = bench.config, bench.model, bench.tx
-  num_examples = bench.labels.shape[0]
 
-  inputs = train_lib.make_batch_fn(config, num_examples, num_classes)
+  inputs = train_lib.make_batch_fn(config, num_classes)
   loss_fn = train_lib.make_loss_fn(model)
 
   def update(grads, opt_state, params):

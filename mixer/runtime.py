@@ -6,7 +6,7 @@ goes to page faults. tcmalloc (Debian: libtcmalloc-minimal4) made a Mixer-Ti/4 t
 when it is installed. Set MIXER_ALLOCATOR=system to opt out.
 
 XLA:CPU (jaxlib 0.10) hands dots to YNNPACK by default. On the same VM, oneDNN for every dot
-made the train step faster: Mixer-S/4 18.9 -> 22.7 img/s, Ti/4 204 -> 256, B/16 2.3 -> 2.5
+made the train step faster: Mixer-S/4 18.9 -> 22.7 img/s, Ti/4 204 -> 256, B/16 2.3 -> 2.4-2.5
 (float32 results, max relative error 1e-6 against float64). Part of the gain: YNNPACK left
 the weight-gradient dots with a transposed operand to Eigen, whose asynchronous work then
 competed for the two cores with the next YNNPACK dot. 'individual_dot' keeps each dot in its

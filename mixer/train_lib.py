@@ -2,8 +2,9 @@
 
 Data flow: TFDS split -> uint8 host arrays -> replicated on every device (once) -> each
 step gathers its examples by `data.batch_indices(seed, step)` inside the jitted step (the
-epoch's permutation is computed on the device once per epoch, `EpochOrders`), shards them along the mesh's `data` axis, augments them keyed by (seed, step), and
-updates the replicated parameters. The host only syncs at log, eval and checkpoint steps.
+epoch's permutation is computed on the device once per epoch, `EpochOrders`), shards them
+along the mesh's `data` axis, augments them keyed by (seed, step), and updates the
+replicated parameters. The host only syncs at log, eval and checkpoint steps.
 """
 from __future__ import annotations
 
@@ -50,14 +51,13 @@ def init_params(model: models.MlpMixer, image_size: int, seed: int) -> Any:
   return model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False)["params"]
 
 
-def make_batch_fn(config: ml_collections.ConfigDict, num_examples: int, num_classes: int,
+def make_batch_fn(config: ml_collections.ConfigDict, num_classes: int,
                   shard: Callable[[jax.Array], jax.Array] = lambda x: x) -> Callable:
   """(step, train_images, train_labels, order) -> (images, soft targets, labels, dropout key).
 
   Gathers step `step`'s examples from its epoch's `order` (`EpochOrders`), applies `shard` to
   them (a sharding constraint), and augments them with rngs folded from (seed, step). Jittable.
   """
-  del num_examples  # in the order's length
   def batch_fn(step, all_images, all_labels, order):
     indices = data.indices_in_order(order, step, config.batch_size)
     images, labels = shard(all_images[indices]), shard(all_labels[indices])
@@ -83,14 +83,14 @@ def make_loss_fn(model: models.MlpMixer) -> Callable:
 
 
 def make_train_step(model: models.MlpMixer, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, num_examples: int, num_classes: int,
+                    config: ml_collections.ConfigDict, num_classes: int,
                     mesh: jax.sharding.Mesh) -> Callable:
   """(state, train_images, train_labels, order) -> (state, [loss, top1, grad_norm]).
 
   `order` is the epoch order of state.step's epoch (`EpochOrders`)."""
   batch, accum = config.batch_size, config.grad_accum_steps
   grad_fn = jax.value_and_grad(make_loss_fn(model), has_aux=True)
-  batch_fn = make_batch_fn(config, num_examples, num_classes, shard=lambda x: (
+  batch_fn = make_batch_fn(config, num_classes, shard=lambda x: (
       jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))))
 
   def accumulated_grads(params, images, targets, labels, key):
@@ -303,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_labels = parallel.put_replicated(train_split.labels, mesh)
   evaluator = Evaluator(model, eval_split, config.image_size, config.eval_batch_size, mesh)
   step_fn = jax.jit(
-      make_train_step(model, tx, config, len(train_split), train_split.num_classes, mesh),
+      make_train_step(model, tx, config, train_split.num_classes, mesh),
       donate_argnums=0, out_shardings=parallel.replicated(mesh))
   orders = EpochOrders(config.seed, len(train_split), config.batch_size, mesh)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
