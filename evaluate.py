@@ -10,7 +10,7 @@ from absl import app, flags
 from mixer import runtime
 
 flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
-flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval/top1) or a step number.")
+flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by val/top1) or a step number.")
 flags.DEFINE_string("split", "test", "TFDS split to evaluate, e.g. 'test' or 'train[:10%]'.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's config, "
                     "then $TFDS_DATA_DIR, then ~/tensorflow_datasets).")
@@ -28,7 +28,9 @@ def main(argv):
                                             FLAGS.data_dir, FLAGS.batch_size)
   except (FileNotFoundError, ValueError) as e:  # bad workdir, checkpoint or data: no traceback
     sys.exit(f"error: {e}")
-  print(f"{report['dataset']}:{report['split']} at step {report['step']}")
+  how = "EMA parameters" if report["parameters"] == "ema" else "trained parameters"
+  how += ", flip test-time augmentation" if report["eval_flip"] else ""
+  print(f"{report['dataset']}:{report['split']} at step {report['step']} ({how})")
   rows = [("examples", f"{report['num_examples']}"), ("top1", f"{report['top1']:.4f}"),
           ("top5", f"{report['top5']:.4f}"), ("loss", f"{report['loss']:.4f}"),
           ("ece", f"{report['ece']:.4f}")]

@@ -13,7 +13,7 @@ from absl import app, flags
 from mixer import runtime
 
 flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
-flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval/top1) or a step number.")
+flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by val/top1) or a step number.")
 flags.DEFINE_string("out", None, "Path of the .npz to write.", required=True)
 FLAGS = flags.FLAGS
 
@@ -24,11 +24,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from mixer import evaluation, pretrained  # pylint: disable=g-import-not-at-top
   try:
-    step, _, params = evaluation.restore_params(FLAGS.workdir, FLAGS.checkpoint)
+    step, config, params = evaluation.restore_params(FLAGS.workdir, FLAGS.checkpoint)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   pretrained.export_npz(params, FLAGS.out)
-  print(f"Wrote the parameters of step {step} to {FLAGS.out}.")
+  which = "EMA parameters" if evaluation.parameters_used(config) == "ema" else "parameters"
+  print(f"Wrote the {which} of step {step} to {FLAGS.out}.")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from absl import app, flags
 from mixer import runtime
 
 flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
-flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by eval/top1) or a step number.")
+flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by val/top1) or a step number.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory, only for the class names when the "
                     "run has no class_names.json.")
 flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
@@ -28,7 +28,10 @@ def main(argv):
                                                  FLAGS.data_dir, FLAGS.top_k)
   except (FileNotFoundError, ValueError) as e:  # bad workdir, checkpoint or data: no traceback
     sys.exit(f"error: {e}")
-  print(f"Checkpoint: step {step} of {FLAGS.workdir}")
+  config = evaluation.load_config(FLAGS.workdir)
+  how = "EMA parameters" if evaluation.parameters_used(config) == "ema" else "trained parameters"
+  how += ", flip test-time augmentation" if config.eval_flip else ""
+  print(f"Checkpoint: step {step} of {FLAGS.workdir} ({how})")
   for prediction in predictions:
     if prediction.error:
       print(f"{prediction.path}: error: {prediction.error}", file=sys.stderr)

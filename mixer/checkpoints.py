@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-BEST_METRIC = "eval/top1"
+BEST_METRIC = "val/top1"  # only runs with a validation split have a "best" step
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
@@ -48,7 +48,7 @@ class Checkpoints:
     return self.manager.best_step()
 
   def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
-    """Starts an async save; `metrics` with eval/top1 make the step a candidate for best."""
+    """Starts an async save; `metrics` with val/top1 make the step a candidate for best."""
     if metrics is not None and BEST_METRIC not in metrics:
       metrics = None
     self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)

@@ -21,6 +21,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = "cifar100"
   c.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR, else TFDS's default.
   c.train_split = "train"
+  # Held-out validation (e.g. "train[98%:]" with train_split "train[:98%]"): picks the best
+  # checkpoint and ranks sweeps. None: no validation; eval_split (test) is only reported.
+  c.val_split = config_dict.placeholder(str)
   c.eval_split = "test"
   c.image_size = 32  # model input; images are resized on device when the data differs.
 
@@ -50,8 +53,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1
 
   c.augment = True  # random crop (4-pixel padding) + horizontal flip.
+  c.randaugment_ops = 0  # RandAugment ops per image (0 disables).
+  c.randaugment_magnitude = 9  # 0..10 (RandAugment's integer scale).
+  c.random_erasing = 0.0  # probability of erasing one random box per image (0 disables).
   c.mixup_alpha = 0.0
   c.cutmix_alpha = 0.0
+
+  c.ema_decay = 0.0  # exponential moving average of the parameters (0 disables).
+  c.eval_flip = False  # evaluate on the mean logits of each image and its mirror.
 
   c.init_from = config_dict.placeholder(str)  # a published-layout Mixer .npz to fine-tune.
 
@@ -117,3 +126,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
               "momentum"):
     _check(c[key] >= 0, key, c[key], "must be >= 0")
   _check(0.0 <= c.label_smoothing < 1.0, "label_smoothing", c.label_smoothing, "need 0 <= x < 1")
+  _check(c.randaugment_ops >= 0, "randaugment_ops", c.randaugment_ops, "must be >= 0")
+  _check(0 <= c.randaugment_magnitude <= 10, "randaugment_magnitude", c.randaugment_magnitude,
+         "need 0 <= magnitude <= 10")
+  _check(0.0 <= c.random_erasing <= 1.0, "random_erasing", c.random_erasing, "need 0 <= p <= 1")
+  _check(0.0 <= c.ema_decay < 1.0, "ema_decay", c.ema_decay, "need 0 <= decay < 1")
+  _check(c.val_split is None or c.val_split.strip() != "", "val_split", c.val_split,
+         "must be a TFDS split such as 'train[98%:]', or None")

@@ -121,7 +121,8 @@ def restore_params(workdir: str, checkpoint: str | int = "latest"
                    ) -> tuple[int, ml_collections.ConfigDict, Any]:
   """(step, config, params) of a run; params replicated over this process's mesh.
 
-  Works whatever the device count at training time: the arrays are restored against a
+  The parameters are the run's EMA parameters when it kept them (config.ema_decay > 0),
+  else the trained ones; `parameters_used(config)` says which. Works whatever the device count at training time: the arrays are restored against a
   target built from the checkpoint's own shapes, replicated on today's devices.
   """
   config = load_config(workdir)
@@ -134,7 +135,8 @@ def restore_params(workdir: str, checkpoint: str | int = "latest"
       sharding = parallel.replicated(parallel.make_mesh())
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                             saved)
-      params = ckpt.restore(step, target)["params"]  # the optimizer state is dropped here
+      state = ckpt.restore(step, target)
+      params = state.get("ema_params") or state["params"]  # the optimizer state is dropped
     except Exception as e:  # pylint: disable=broad-except
       raise RuntimeError(
           f"The checkpoint at step {step} in {ckpt.directory} could not be read "
@@ -146,6 +148,11 @@ def restore_params(workdir: str, checkpoint: str | int = "latest"
   expected = jax.eval_shape(lambda: train_lib.init_params(model, config.image_size, config.seed))
   check_param_shapes(params, expected, f"The checkpoint at step {step} in {workdir}")
   return step, config, params
+
+
+def parameters_used(config: ml_collections.ConfigDict) -> str:
+  """How restore_params' parameters were made, for reports: 'ema' or 'trained'."""
+  return "ema" if config.ema_decay else "trained"
 
 
 def _tfds_label_names(dataset: str, data_dir: str | None) -> list[str]:
@@ -259,14 +266,16 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
   mesh = parallel.make_mesh()
   batch = _eval_batch_size(batch_size, config.eval_batch_size, len(eval_split), mesh)
   model = train_lib.build_model(config, num_classes)
-  evaluator = train_lib.Evaluator(model, eval_split, config.image_size, batch, mesh)
+  evaluator = train_lib.Evaluator(model, eval_split, config.image_size, batch, mesh,
+                                  flip=config.eval_flip)
   result = evaluator(params, keep_logits=True)
   probs = softmax(result["logits"])
   predictions = probs.argmax(axis=-1)
   correct = predictions == eval_split.labels
   report: dict[str, Any] = {
       "workdir": os.path.abspath(workdir), "dataset": config.dataset, "split": split,
-      "step": step, "num_examples": result["eval/num_examples"],
+      "step": step, "parameters": parameters_used(config), "eval_flip": bool(config.eval_flip),
+      "num_examples": result["eval/num_examples"],
       "top1": float(result["eval/top1"]), "top5": float(result["eval/top5"]),
       "loss": float(result["eval/loss"]),
       "ece": expected_calibration_error(probs, eval_split.labels),
@@ -333,8 +342,9 @@ def predict_files(workdir: str, paths: Sequence[str], checkpoint: str | int = "l
       results.append(FilePrediction(path, [], f"not a readable image ({e})"))
   if images:
     model = train_lib.build_model(config, num_classes)
-    logits = model.apply({"params": params}, data.to_float(np.stack(images), config.image_size),
-                         train=False)
+    logits = train_lib.predict_logits(model, params,
+                                      data.to_float(np.stack(images), config.image_size),
+                                      flip=config.eval_flip)
     probs = softmax(jax.device_get(logits))
     ok = [r for r in results if r.error is None]
     for result, row in zip(ok, probs):

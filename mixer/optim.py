@@ -6,10 +6,24 @@ import ml_collections
 import optax
 
 
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  return int(round(config.warmup_epochs * steps_per_epoch))
+
+
+def check_warmup(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> None:
+  """A warmup as long as the run would never decay the learning rate: a config error."""
+  warmup = warmup_steps(config, steps_per_epoch)
+  if warmup and warmup >= total_steps:
+    raise ValueError(
+        f"config.warmup_epochs={config.warmup_epochs} is {warmup} steps ({steps_per_epoch} per "
+        f"epoch), not shorter than the run's {total_steps} steps: the learning rate would never "
+        "decay. Lower warmup_epochs or lengthen the run.")
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int,
                            steps_per_epoch: int) -> optax.Schedule:
   """Linear warmup from 0, then cosine or linear decay to 0 at `total_steps`."""
-  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+  warmup = warmup_steps(config, steps_per_epoch)
   decay_steps = max(total_steps - warmup, 1)
   peak = config.learning_rate
   if config.lr_schedule == "cosine":

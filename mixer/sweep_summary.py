@@ -1,7 +1,9 @@
 """A sweep's results: DIR/summary.csv, DIR/summary.md and DIR/summary.png.
 
 One row per trial of DIR/sweep.json, from whatever each trial has written so far
-(trial.json, metrics.jsonl, config.json, train.log), sorted by best eval/top1.
+(trial.json, metrics.jsonl, config.json, train.log), ranked by best val/top1 (the held-out
+validation split); trials without a val_split can only be ranked on the test split
+(eval/top1), and the summary says so.
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from typing import Any
 
 from mixer import sweep_runner, sweeps
 
-METRIC_COLUMNS = ("status", "final_step", "final_top1", "best_top1", "best_step", "final_top5",
-                  "params", "median_img_per_sec", "wall_time_s")
+# final/best_top1, best_step and final_top5 are on `ranked_on` (val, else test);
+# final_test_top1 is always the test split's.
+METRIC_COLUMNS = ("status", "ranked_on", "final_step", "final_top1", "best_top1", "best_step",
+                  "final_top5", "final_test_top1", "params", "median_img_per_sec", "wall_time_s")
 _PARAMS_LOG_LINE = re.compile(r"Mixer \S+: (\d+) parameters")
 
 
@@ -52,9 +56,16 @@ def read_metrics(trial_dir: str) -> list[dict[str, float]]:
   return metrics.read_jsonl(path) if os.path.exists(path) else []
 
 
+def ranking_metric(rows: list[dict[str, float]]) -> str:
+  """'val/top1' when the run has a validation split, else 'eval/top1' (the test split)."""
+  return "val/top1" if any("val/top1" in r for r in rows) else "eval/top1"
+
+
 def eval_curve(trial_dir: str) -> list[tuple[int, float]]:
-  """(step, eval/top1) of every evaluation so far."""
-  return [(int(r["step"]), r["eval/top1"]) for r in read_metrics(trial_dir) if "eval/top1" in r]
+  """(step, top1 on the ranking split) of every evaluation so far."""
+  rows = read_metrics(trial_dir)
+  metric = ranking_metric(rows)
+  return [(int(r["step"]), r[metric]) for r in rows if metric in r]
 
 
 def trial_row(workdir: str, trial: sweeps.Trial) -> dict[str, Any]:
@@ -62,18 +73,23 @@ def trial_row(workdir: str, trial: sweeps.Trial) -> dict[str, Any]:
   trial_dir = os.path.join(workdir, trial.name)
   state = sweep_runner.read_state(trial_dir)
   rows = read_metrics(trial_dir)
-  evals = [r for r in rows if "eval/top1" in r]
+  metric = ranking_metric(rows)
+  split = metric.split("/")[0]
+  evals = [r for r in rows if metric in r]
+  tests = [r for r in rows if "eval/top1" in r]
   speeds = [r["img_per_sec"] for r in rows if "img_per_sec" in r]
-  best = max(evals, key=lambda r: r["eval/top1"]) if evals else None
+  best = max(evals, key=lambda r: r[metric]) if evals else None
   # No trial.json: never started here (pending), or run by a scheduler (--print_commands).
   status = state["status"] if state else ("unknown" if rows else "pending")
   return {
       "trial": trial.name, **trial.overrides, "status": status,
+      "ranked_on": ("val" if split == "val" else "test") if evals else None,
       "final_step": evals[-1]["step"] if evals else None,
-      "final_top1": evals[-1]["eval/top1"] if evals else None,
-      "best_top1": best["eval/top1"] if best else None,
+      "final_top1": evals[-1][metric] if evals else None,
+      "best_top1": best[metric] if best else None,
       "best_step": best["step"] if best else None,
-      "final_top5": evals[-1].get("eval/top5") if evals else None,
+      "final_top5": evals[-1].get(f"{split}/top5") if evals else None,
+      "final_test_top1": tests[-1]["eval/top1"] if tests else None,
       "params": trial_params(trial_dir) if os.path.isdir(trial_dir) else None,
       "median_img_per_sec": statistics.median(speeds) if speeds else None,
       "wall_time_s": state.get("wall_time_s") if state else None,
@@ -84,7 +100,8 @@ def trial_row(workdir: str, trial: sweeps.Trial) -> dict[str, Any]:
 def _text(value: Any, column: str) -> str:
   if value is None:
     return ""
-  if isinstance(value, float) and column in ("final_top1", "best_top1", "final_top5"):
+  if isinstance(value, float) and column in ("final_top1", "best_top1", "final_top5",
+                                             "final_test_top1"):
     return f"{value:.4f}"
   if isinstance(value, float) and column in ("median_img_per_sec", "wall_time_s"):
     return f"{value:.0f}"
@@ -104,9 +121,13 @@ def _write_markdown(path: str, sweep: sweeps.Sweep, columns: list[str],
   counts: dict[str, int] = {}
   for row in rows:
     counts[row["status"]] = counts.get(row["status"], 0) + 1
+  on_test = [row["trial"] for row in rows if row["ranked_on"] == "test"]
+  ranking = ("Ranked by best val/top1 (held-out validation split)." if not on_test else
+             f"Ranked on the TEST split (eval/top1) for {len(on_test)} trial(s) without a "
+             "val_split: choosing among them by this table tunes on test.")
   lines = [f"# Sweep: {os.path.basename(sweep.config)}", "",
            f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-           + ". Sorted by best eval/top1.", "",
+           + ". " + ranking, "",
            "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   for row in rows:
     cells = [_text(row.get(c), c).replace("|", "\\|") for c in columns]
@@ -131,8 +152,8 @@ def _write_plot(path: str, workdir: str, rows: list[dict[str, Any]]) -> None:
       ax.plot(steps, top1, marker="o", markersize=3, label=row["trial"])
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel("step")
-  ax.set_ylabel("eval/top1")
-  ax.set_title(f"{os.path.basename(os.path.normpath(workdir))}: eval/top1 per trial "
+  ax.set_ylabel("top1 (val where the trial has it, else test)")
+  ax.set_title(f"{os.path.basename(os.path.normpath(workdir))}: top1 per trial "
                "(legend: best first)")
   ax.grid(alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
@@ -143,7 +164,7 @@ def _write_plot(path: str, workdir: str, rows: list[dict[str, Any]]) -> None:
 
 
 def summarize(workdir: str) -> list[dict[str, Any]]:
-  """Writes DIR/summary.{csv,md,png}; returns the rows, best eval/top1 first."""
+  """Writes DIR/summary.{csv,md,png}; returns the rows, best first (val/top1, else test)."""
   sweep = sweeps.load_sweep(workdir)
   rows = [trial_row(workdir, trial) for trial in sweep.trials]
   rows.sort(key=lambda r: (r["best_top1"] is None, -(r["best_top1"] or 0.0), r["trial"]))

@@ -26,9 +26,7 @@ import optax
 from clu import periodic_actions
 
 from mixer import (augment, checkpoints, config_lib, data, metrics, models, optim, parallel,
-                   pretrained)
-
-INIT_SEED_SALT = 0x5EED  # keeps the init rng apart from the per-step rngs.
+                   pretrained, randaugment, rng_streams)
 
 
 @flax.struct.dataclass
@@ -36,6 +34,7 @@ class TrainState:
   step: jax.Array  # number of updates applied so far, int32
   params: Any
   opt_state: Any
+  ema_params: Any = None  # exponential moving average of params; None when ema_decay == 0
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.MlpMixer:
@@ -47,7 +46,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.M
 
 
 def init_params(model: models.MlpMixer, image_size: int, seed: int) -> Any:
-  key = jax.random.fold_in(jax.random.key(seed), INIT_SEED_SALT)
+  key = rng_streams.key(seed, rng_streams.INIT)
   return model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False)["params"]
 
 
@@ -61,15 +60,20 @@ def make_batch_fn(config: ml_collections.ConfigDict, num_classes: int,
   def batch_fn(step, all_images, all_labels, order):
     indices = data.indices_in_order(order, step, config.batch_size)
     images, labels = shard(all_images[indices]), shard(all_labels[indices])
-    k_crop, k_mix, k_drop = jax.random.split(
-        jax.random.fold_in(jax.random.key(config.seed), step), 3)
+    k_crop, k_rand, k_erase, k_mix = jax.random.split(
+        rng_streams.key(config.seed, rng_streams.AUGMENT, step), 4)
     if config.augment:
       images = augment.random_crop_flip(k_crop, images)
+    if config.randaugment_ops:
+      images = randaugment.rand_augment(k_rand, images, config.randaugment_ops,
+                                        config.randaugment_magnitude)
     images = data.to_float(images, config.image_size)
+    if config.random_erasing:
+      images = randaugment.random_erasing(k_erase, images, config.random_erasing)
     targets = augment.soft_targets(labels, num_classes, config.label_smoothing)
     images, targets = augment.mixup_cutmix(k_mix, images, targets, config.mixup_alpha,
                                            config.cutmix_alpha)
-    return images, targets, labels, k_drop
+    return images, targets, labels, rng_streams.key(config.seed, rng_streams.DROPOUT, step)
   return batch_fn
 
 
@@ -115,8 +119,12 @@ def make_train_step(model: models.MlpMixer, tx: optax.GradientTransformation,
     else:
       (loss, top1), grads = accumulated_grads(state.params, images, targets, labels, k_drop)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, opt_state=opt_state,
-                              params=optax.apply_updates(state.params, updates))
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if config.ema_decay:
+      ema = optax.incremental_update(params, ema, step_size=1.0 - config.ema_decay)
+    new_state = state.replace(step=state.step + 1, opt_state=opt_state, params=params,
+                              ema_params=ema)
     return new_state, jnp.stack([loss, top1, optax.tree.norm(grads)])
 
   return train_step
@@ -145,15 +153,24 @@ class EpochOrders:
     return self._order
 
 
+def predict_logits(model: models.MlpMixer, params: Any, images: jax.Array,
+                   flip: bool = False) -> jax.Array:
+  """float32 logits of float images; with `flip`, the mean of the image's and its mirror's."""
+  logits = model.apply({"params": params}, images, train=False).astype(jnp.float32)
+  if flip:
+    mirrored = model.apply({"params": params}, images[:, :, ::-1, :], train=False)
+    logits = (logits + mirrored.astype(jnp.float32)) / 2
+  return logits
+
+
 def make_eval_step(model: models.MlpMixer, image_size: int, batch_size: int,
-                   mesh: jax.sharding.Mesh) -> Callable:
+                   mesh: jax.sharding.Mesh, flip: bool = False) -> Callable:
   """(params, images, labels, mask, index) -> logits and masked sums of loss/top1/top5/count."""
   def eval_step(params, all_images, all_labels, all_mask, index):
     shard = lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))
     images, labels, mask = map(shard, data.eval_batch(all_images, all_labels, all_mask, index,
                                                       batch_size))
-    logits = model.apply({"params": params}, data.to_float(images, image_size), train=False)
-    logits = logits.astype(jnp.float32)
+    logits = predict_logits(model, params, data.to_float(images, image_size), flip)
     loss = metrics.cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
     top5 = metrics.topk_correct(logits, labels, min(5, logits.shape[-1]))
     sums = jnp.stack([jnp.sum(loss * mask), jnp.sum(metrics.topk_correct(logits, labels, 1) * mask),
@@ -165,18 +182,20 @@ def make_eval_step(model: models.MlpMixer, image_size: int, batch_size: int,
 class Evaluator:
   """Evaluates params on a whole split, each example exactly once (padded batches + mask).
 
-  The batch size is rounded up to a multiple of the device count.
+  The batch size is rounded up to a multiple of the device count. Metrics are named
+  `{prefix}/loss`, `{prefix}/top1`, ...; `flip` averages each image's and its mirror's logits.
   """
 
   def __init__(self, model: models.MlpMixer, split: data.Split, image_size: int, batch_size: int,
-               mesh: jax.sharding.Mesh):
+               mesh: jax.sharding.Mesh, flip: bool = False, prefix: str = "eval"):
+    self.prefix = prefix
     devices = mesh.devices.size
     batch_size = -(-batch_size // devices) * devices  # padding absorbs the rounding up
     images, labels, mask = data.pad_to_multiple(split, batch_size)
     self.arrays = [parallel.put_replicated(a, mesh) for a in (images, labels, mask)]
     self.num_batches = len(labels) // batch_size
     self.num_examples = len(split)
-    self.step = jax.jit(make_eval_step(model, image_size, batch_size, mesh),
+    self.step = jax.jit(make_eval_step(model, image_size, batch_size, mesh, flip),
                         out_shardings=parallel.replicated(mesh))
 
   def __call__(self, params: Any, keep_logits: bool = False) -> dict[str, Any]:
@@ -187,8 +206,9 @@ class Evaluator:
       if keep_logits:
         logits.append(batch_logits)
     loss, top1, top5, count = np.asarray(jax.device_get(sums), np.float64)
-    result = {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count,
-              "eval/num_examples": int(count)}
+    p = self.prefix
+    result = {f"{p}/loss": loss / count, f"{p}/top1": top1 / count, f"{p}/top5": top5 / count,
+              f"{p}/num_examples": int(count)}
     if keep_logits:
       result["logits"] = np.concatenate(jax.device_get(logits))[: self.num_examples]
     return result
@@ -257,19 +277,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   train_split = data.load_split(config.dataset, config.train_split, config.data_dir)
   eval_split = data.load_split(config.dataset, config.eval_split, config.data_dir)
+  val_split = None
+  if config.val_split:
+    val_split = data.load_split(config.dataset, config.val_split, config.data_dir)
+    data.check_disjoint(train_split, val_split, config.train_split, config.val_split)
   per_epoch = data.steps_per_epoch(len(train_split), config.batch_size)
   total_steps = config.total_steps if config.total_steps > 0 else config.num_epochs * per_epoch
+  optim.check_warmup(config, total_steps, per_epoch)
   model = build_model(config, train_split.num_classes)
   schedule = optim.learning_rate_schedule(config, total_steps, per_epoch)
   tx = optim.make_optimizer(config, schedule)
 
-  def create_state():
-    params = init_params(model, config.image_size, config.seed)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
   def state_from(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if config.ema_decay else None)
 
+  create_state = lambda: state_from(init_params(model, config.image_size, config.seed))
   init_state = jax.jit(create_state, out_shardings=parallel.replicated(mesh))
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
@@ -301,7 +324,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_images = parallel.put_replicated(train_split.images, mesh)
   train_labels = parallel.put_replicated(train_split.labels, mesh)
-  evaluator = Evaluator(model, eval_split, config.image_size, config.eval_batch_size, mesh)
+  evaluators = {name: Evaluator(model, split, config.image_size, config.eval_batch_size, mesh,
+                                flip=config.eval_flip, prefix=name)
+                for name, split in (("val", val_split), ("eval", eval_split)) if split}
+  if config.ema_decay or config.eval_flip:
+    logging.info("Evaluating %s.", " with ".join(filter(None, [
+        "the EMA parameters" if config.ema_decay else "the parameters",
+        "flip test-time augmentation" if config.eval_flip else ""])))
   step_fn = jax.jit(
       make_train_step(model, tx, config, train_split.num_classes, mesh),
       donate_argnums=0, out_shardings=parallel.replicated(mesh))
@@ -341,13 +370,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending, pending_from = [], step + 1
       step_eval = None
       if eval_due:
-        step_eval = evaluator(state.params)
+        eval_params = state.ema_params if config.ema_decay else state.params
+        step_eval = {}
+        for name, evaluator in evaluators.items():
+          step_eval.update(evaluator(eval_params))
+          logging.info("Step %d: %s/top1 %.4f, %s/loss %.4f.", step, name,
+                       step_eval[f"{name}/top1"], name, step_eval[f"{name}/loss"])
         writer.write_scalars(step, step_eval)
         eval_result = dict(step_eval, step=step)
-        logging.info("Step %d: eval/top1 %.4f, eval/loss %.4f.", step, step_eval["eval/top1"],
-                     step_eval["eval/loss"])
       if save_due:
-        ckpt.save(step, state, metrics=step_eval)
+        ckpt.save(step, state, metrics=step_eval if val_split else None)
       if step_eval or save_due:
         window_start, window_time = step, time.time()
       if stopping and not is_last:

@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny config, mock CIFAR-100 data, and subprocess helpers."""
+import contextlib
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +13,7 @@ import tensorflow_datasets as tfds
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mixer import runtime  # pylint: disable=wrong-import-position
+from mixer import data, runtime  # pylint: disable=wrong-import-position
 
 runtime.configure_xla_cpu()  # before JAX starts: tests run the XLA:CPU kernels users get
 METADATA_DIR = os.path.join(ROOT, "tests", "tfds_metadata")
@@ -71,3 +74,31 @@ def metric_at(rows, name, step):
   values = [r[name] for r in rows if r["step"] == step and name in r]
   assert values, f"no {name} at step {step}"
   return values[-1]
+
+
+_PERCENT_SLICE = re.compile(r"^(\w+)\[(\d*)%?:(\d*)%?\]$")
+
+
+@contextlib.contextmanager
+def sliced_mock_cifar():
+  """Mock CIFAR-100 whose `split[a%:b%]` slices hold those rows of the split.
+
+  tfds.testing.mock_data ignores slices (every split is the same examples), so validation
+  splits cut from train would overlap it; the real slicing is tested on real data.
+  """
+  load = data.load_split
+
+  def load_split(dataset, split, data_dir=None):
+    match = _PERCENT_SLICE.match(split)
+    if not match:
+      return load(dataset, split, data_dir)
+    full = load(dataset, match[1], data_dir)
+    lo, hi = (len(full) * int(p or d) // 100 for p, d in ((match[2], 0), (match[3], 100)))
+    cut = lambda x: None if x is None else x[lo:hi]
+    return dataclasses.replace(full, images=cut(full.images), labels=cut(full.labels),
+                               coarse_labels=cut(full.coarse_labels))
+
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, data_dir=METADATA_DIR), \
+       pytest.MonkeyPatch.context() as patch:
+    patch.setattr(data, "load_split", load_split)
+    yield

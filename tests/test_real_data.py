@@ -9,7 +9,9 @@ import os
 import pytest
 
 from conftest import read_metrics, tiny_config
-from mixer import train_lib
+import numpy as np
+
+from mixer import data, train_lib
 
 DATA_DIR = os.environ.get("TFDS_DATA_DIR", "")
 HAVE_CIFAR = os.path.isdir(os.path.join(DATA_DIR, "cifar100")) if DATA_DIR else False
@@ -31,3 +33,15 @@ def test_small_mixer_learns_real_cifar100(tmp_path):
   assert result["eval/top1"] > THRESHOLD, result
   rows = read_metrics(str(tmp_path))
   assert rows[-1]["step"] == 300
+
+
+def test_validation_split_is_disjoint_from_training_and_complete():
+  full = data.load_split("cifar100", "train", DATA_DIR)
+  train = data.load_split("cifar100", "train[:98%]", DATA_DIR)
+  val = data.load_split("cifar100", "train[98%:]", DATA_DIR)
+  assert (len(train), len(val)) == (49000, 1000)
+  np.testing.assert_array_equal(np.concatenate([train.labels, val.labels]), full.labels)
+  np.testing.assert_array_equal(np.concatenate([train.images, val.images]), full.images)
+  data.check_disjoint(train, val, "train[:98%]", "train[98%:]")  # raises on overlap
+  with pytest.raises(ValueError, match="shares 1000 of its 1000 examples"):
+    data.check_disjoint(full, val, "train", "train[98%:]")

@@ -1,0 +1,159 @@
+"""The recipe machinery around the train step: EMA, flip TTA, validation split, rng streams."""
+import os
+import shutil
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import MOCK_EXAMPLES, metric_at, read_metrics, sliced_mock_cifar, tiny_config
+from mixer import (checkpoints, data, evaluation, optim, parallel, rng_streams, sweep_summary,
+                   train_lib)
+
+RECIPE = {"randaugment_ops": 2, "randaugment_magnitude": 9, "random_erasing": 0.5,
+          "ema_decay": 0.9, "eval_flip": True, "train_split": "train[:75%]",
+          "val_split": "train[75%:]"}
+
+
+def flat(tree):
+  return flax.traverse_util.flatten_dict(tree, sep="/")
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+  """12 steps with every recipe option on: checkpoints at 6 and 12."""
+  workdir = str(tmp_path_factory.mktemp("recipe"))
+  with sliced_mock_cifar():
+    result = train_lib.train_and_evaluate(tiny_config(**RECIPE), workdir)
+  manager = checkpoints.Checkpoints(workdir, read_only=True)
+  state = manager.restore(12)
+  manager.close()
+  return workdir, result, state
+
+
+def test_recipe_run_writes_val_and_test_metrics(recipe_run):
+  workdir, result, _ = recipe_run
+  rows = read_metrics(workdir)
+  for step in (6, 12):
+    assert metric_at(rows, "val/num_examples", step) == MOCK_EXAMPLES // 4
+    assert metric_at(rows, "eval/num_examples", step) == MOCK_EXAMPLES
+  assert result["eval/num_examples"] == MOCK_EXAMPLES and "val/top1" in result
+
+
+def test_best_checkpoint_is_chosen_by_val_top1(recipe_run):
+  workdir, _, _ = recipe_run
+  rows = read_metrics(workdir)
+  val = {s: metric_at(rows, "val/top1", s) for s in (6, 12)}
+  manager = checkpoints.Checkpoints(workdir, read_only=True)
+  assert val[manager.best_step()] == max(val.values())
+  assert manager.best_step() in manager.all_steps()
+  manager.close()
+
+
+def test_without_val_split_there_is_no_best_checkpoint(mock_cifar, tmp_path):
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(tiny_config(total_steps=6, eval_every_steps=3,
+                                           checkpoint_every_steps=3), workdir)
+  manager = checkpoints.Checkpoints(workdir, read_only=True)
+  assert manager.best_step() is None and manager.all_steps() == [3, 6]
+  manager.close()
+  assert "val/top1" not in read_metrics(workdir)[-1]
+
+
+def test_ema_params_are_in_the_checkpoint_and_differ_from_params(recipe_run):
+  _, _, state = recipe_run
+  ema, params = flat(state["ema_params"]), flat(state["params"])
+  assert ema.keys() == params.keys()
+  assert any(not np.array_equal(ema[k], params[k]) for k in params)
+
+
+def test_ema_update_math(mock_cifar):
+  config = tiny_config(**{**RECIPE, "train_split": "train"})
+  split = data.load_split(config.dataset, config.train_split)
+  model = train_lib.build_model(config, split.num_classes)
+  mesh = parallel.make_mesh()
+  tx = optax.sgd(0.1)
+  params = train_lib.init_params(model, config.image_size, config.seed)
+  ema0 = jax.tree.map(lambda p: p + 1.0, params)  # an EMA that differs from the params
+  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=tx.init(params), ema_params=ema0)
+  order = data.epoch_order(config.seed, 0, len(split))
+  step = jax.jit(train_lib.make_train_step(model, tx, config, split.num_classes, mesh))
+  new, _ = step(state, split.images, split.labels, order)
+  for key, value in flat(new.ema_params).items():
+    expected = 0.9 * flat(ema0)[key] + 0.1 * flat(new.params)[key]
+    np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+def test_resume_with_recipe_is_bit_exact(recipe_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(recipe_run[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
+  with sliced_mock_cifar():
+    train_lib.train_and_evaluate(tiny_config(**RECIPE), workdir)
+  manager = checkpoints.Checkpoints(workdir, read_only=True)
+  resumed = manager.restore(12)
+  manager.close()
+  for part in ("params", "ema_params"):
+    a, b = flat(resumed[part]), flat(recipe_run[2][part])
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"{part}/{key}")
+
+
+def test_evaluation_uses_ema_params_and_flip_like_training(recipe_run, mock_cifar):
+  workdir, result, state = recipe_run
+  step, config, params = evaluation.restore_params(workdir, 12)
+  assert step == 12 and evaluation.parameters_used(config) == "ema"
+  for key, value in flat(params).items():
+    np.testing.assert_array_equal(value, flat(state["ema_params"])[key])
+  report = evaluation.evaluate_checkpoint(workdir, 12, "test")
+  assert report["parameters"] == "ema" and report["eval_flip"]
+  np.testing.assert_allclose(report["top1"], result["eval/top1"], atol=1e-6)
+
+
+def test_flip_tta_is_the_mean_of_both_views(mock_cifar):
+  config = tiny_config()
+  split = data.load_split(config.dataset, "test")
+  model = train_lib.build_model(config, split.num_classes)
+  params = train_lib.init_params(model, config.image_size, 1)
+  params = jax.tree.map(lambda p: p + 0.01 * jnp.arange(p.size).reshape(p.shape) % 0.3, params)
+  evaluator = train_lib.Evaluator(model, split, config.image_size, 48, parallel.make_mesh(),
+                                  flip=True)
+  got = evaluator(params, keep_logits=True)["logits"]
+  x = np.asarray(split.images, np.float32) / 127.5 - 1.0
+  plain = model.apply({"params": params}, x, train=False)
+  mirror = model.apply({"params": params}, x[:, :, ::-1, :], train=False)
+  np.testing.assert_allclose(got, (plain + mirror) / 2, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(plain, mirror, atol=1e-4)  # the two views do differ
+
+
+def test_overlapping_val_split_is_refused_before_training(mock_cifar, tmp_path):
+  # Unsliced mock splits hold the same examples: validation would be training data.
+  with pytest.raises(ValueError, match=r"val_split='test' shares 128 of its 128 examples"):
+    train_lib.train_and_evaluate(tiny_config(val_split="test"), str(tmp_path / "run"))
+  assert not os.path.exists(os.path.join(tmp_path, "run", "checkpoints"))
+
+
+def test_warmup_as_long_as_the_run_is_an_error(mock_cifar, tmp_path):
+  # 128 examples / batch 32 = 4 steps per epoch: 3 warmup epochs = 12 steps = the whole run.
+  with pytest.raises(ValueError, match=r"warmup_epochs=3.0 is 12 steps .* run's 12 steps"):
+    train_lib.train_and_evaluate(tiny_config(warmup_epochs=3.0), str(tmp_path / "run"))
+  optim.check_warmup(tiny_config(warmup_epochs=2.75), 12, 4)  # 11 steps: fine
+
+
+def test_random_streams_are_independent():
+  keys = [rng_streams.key(0, s) for s in (rng_streams.INIT, rng_streams.EPOCH_ORDER,
+                                          rng_streams.AUGMENT, rng_streams.DROPOUT)]
+  keys += [rng_streams.key(0, rng_streams.AUGMENT, 5), rng_streams.key(0, rng_streams.DROPOUT, 5),
+           rng_streams.key(0, rng_streams.EPOCH_ORDER, 5), rng_streams.key(1, rng_streams.INIT)]
+  data_ = {tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys}
+  assert len(data_) == len(keys)
+
+
+def test_sweep_ranking_prefers_val_and_says_when_on_test():
+  with_val = [{"step": 6, "eval/top1": 0.9, "val/top1": 0.1}]
+  assert sweep_summary.ranking_metric(with_val) == "val/top1"
+  assert sweep_summary.ranking_metric([{"step": 6, "eval/top1": 0.9}]) == "eval/top1"
