@@ -1,9 +1,24 @@
 # Two commands do all the set-up on a fresh machine:
-#   make train   # creates .venv on first use, then trains configs/cifar100_s.py
+#   make train   # creates .venv on first use, then trains the config that fits the machine
 #   make test    # creates .venv on first use, then runs the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/cifar100_s.py
+# Without CONFIG=, `make train` picks the recipe that fits the machine: the 300-epoch S/4
+# recipe needs a GPU/TPU (on 2 CPU cores it would take about 8 days); without one it trains
+# the one-hour CPU recipe.
+ACCELERATOR := $(shell { [ -e /dev/nvidia0 ] || ls /dev/accel* >/dev/null 2>&1 || \
+                 ls /dev/vfio/[0-9]* >/dev/null 2>&1; } && echo yes)
+ifeq ($(origin CONFIG),undefined)
+  ifeq ($(ACCELERATOR),yes)
+    CONFIG := configs/cifar100_s.py
+    CONFIG_WHY := a GPU/TPU device is present
+  else
+    CONFIG := configs/cifar100_cpu_hour.py
+    CONFIG_WHY := no GPU/TPU device in /dev: the S/4 recipe would take days on CPU
+  endif
+else
+  CONFIG_WHY := CONFIG= given
+endif
 WORKDIR ?= workdirs/$(basename $(notdir $(CONFIG)))
 TCMALLOC = $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
 
@@ -25,6 +40,7 @@ allocator:
 	  || echo "tcmalloc not installed; using the system allocator"; fi
 
 train: setup
+	@echo "make train: $(CONFIG) ($(CONFIG_WHY)); workdir $(WORKDIR)"
 	$(PY) train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: setup

@@ -13,6 +13,7 @@ setup(
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
         "ml_collections>=1.0",
+        "dm-pix>=0.4",  # image ops for RandAugment (mixer/randaugment.py).
         "clu==0.0.12",
         "tensorflow-datasets>=4.9,<4.10",
         "tensorflow-cpu>=2.21,<2.22",  # tf.data/TFDS only; never on the accelerator.
