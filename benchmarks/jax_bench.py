@@ -48,8 +48,7 @@ class JaxBench:
 
     def create_state():
       params = train_lib.init_params(self.model, config.image_size, config.seed)
-      return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                  opt_state=tx.init(params))
+      return train_lib.new_state(params, tx, config.ema_decay)
 
     replicated = parallel.replicated(self.mesh)
     self.state = jax.jit(create_state, out_shardings=replicated)()

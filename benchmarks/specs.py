@@ -37,6 +37,10 @@ class Spec:
 SPECS: dict[str, Spec] = {s.name: s for s in [
     Spec("ti4", "configs/cifar100_ti.py", None, {}, 128, 100,
          "Mixer-Ti/4 32x32, configs/cifar100_ti.py"),
+    Spec("ti4_aug", "configs/cifar100_ti.py", None,
+         {"randaugment_ops": 2, "randaugment_magnitude": 9, "random_erasing": 0.25,
+          "ema_decay": 0.999}, 128, 100,
+         "Mixer-Ti/4 32x32 + RandAugment(2, 9), random erasing 0.25, EMA"),
     Spec("s4", "configs/cifar100_s.py", None, {}, 128, 100,
          "Mixer-S/4 32x32, configs/cifar100_s.py (mixup/cutmix, stoch. depth 0.1)"),
     Spec("small64", "configs/cifar100_ti.py", None,
@@ -48,7 +52,7 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
          {"optimizer": "adamw", "weight_decay": 0.05}, 8, 1000,
          "Mixer-B/16 224x224, 1000 classes, configs/cifar100_finetune.py + AdamW"),
 ]}
-DEFAULT_ORDER = ("ti4", "s4", "small64", "b16")
+DEFAULT_ORDER = ("ti4", "ti4_aug", "s4", "small64", "b16")
 
 
 def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:

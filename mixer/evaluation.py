@@ -62,7 +62,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def resolve_step(ckpt: checkpoints.Checkpoints, workdir: str, checkpoint: str | int) -> int:
-  """'latest', 'best' (falls back to latest when no step has eval metrics) or a saved step."""
+  """'latest', 'best' (by val/top1; latest when no step has it) or a saved step."""
   steps = ckpt.all_steps()
   if not steps:
     raise FileNotFoundError(f"No checkpoint in {ckpt.directory} ({_contents(workdir)}).")
@@ -77,8 +77,9 @@ def resolve_step(ckpt: checkpoints.Checkpoints, workdir: str, checkpoint: str | 
   if checkpoint == "best":
     best = ckpt.best_step()
     if best is None:
-      logging.warning("No checkpoint in %s has eval metrics to pick the best by; using the "
-                      "latest, step %d.", ckpt.directory, steps[-1])
+      logging.warning("No checkpoint in %s has val/top1 to pick the best by (runs without a "
+                      "val_split have none); using the latest, step %d.", ckpt.directory,
+                      steps[-1])
       return steps[-1]
     return best
   raise ValueError(f"checkpoint must be 'latest', 'best' or a step number, got {checkpoint!r}.")

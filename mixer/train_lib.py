@@ -1,10 +1,11 @@
 """Training and evaluation: the jitted steps and `train_and_evaluate(config, workdir)`.
 
 Data flow: TFDS split -> uint8 host arrays -> replicated on every device (once) -> each
-step gathers its examples by `data.batch_indices(seed, step)` inside the jitted step (the
-epoch's permutation is computed on the device once per epoch, `EpochOrders`), shards them
-along the mesh's `data` axis, augments them keyed by (seed, step), and updates the
-replicated parameters. The host only syncs at log, eval and checkpoint steps.
+step gathers its slice of the epoch's permutation (`EpochOrders`, computed on the device
+once per epoch; `data.indices_in_order`) inside the jitted step, shards the examples along
+the mesh's `data` axis, augments them with keys of the augmentation stream at (seed, step)
+(`rng_streams`), and updates the replicated parameters and their EMA. The host only syncs
+at log, eval and checkpoint steps.
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ class TrainState:
   params: Any
   opt_state: Any
   ema_params: Any = None  # exponential moving average of params; None when ema_decay == 0
+
+
+def new_state(params: Any, tx: optax.GradientTransformation, ema_decay: float) -> TrainState:
+  """Step 0: the optimizer's initial state, and the EMA (when kept) starting at `params`."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params if ema_decay else None)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.MlpMixer:
@@ -288,10 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = optim.learning_rate_schedule(config, total_steps, per_epoch)
   tx = optim.make_optimizer(config, schedule)
 
-  def state_from(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=params if config.ema_decay else None)
-
+  state_from = lambda params: new_state(params, tx, config.ema_decay)
   create_state = lambda: state_from(init_params(model, config.image_size, config.seed))
   init_state = jax.jit(create_state, out_shardings=parallel.replicated(mesh))
   abstract = jax.tree.map(

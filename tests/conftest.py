@@ -24,7 +24,7 @@ TINY = {
     "model.variant": "Ti/8", "model.hidden_dim": 32, "model.num_blocks": 2,
     "model.tokens_mlp_dim": 16, "model.channels_mlp_dim": 64, "model.stoch_depth": 0.1,
     "model.dropout": 0.1, "batch_size": 32, "eval_batch_size": 48, "total_steps": 12,
-    "warmup_epochs": 1.0, "log_every_steps": 3, "eval_every_steps": 6,
+    "warmup_epochs": 0.5, "log_every_steps": 3, "eval_every_steps": 6,
     "checkpoint_every_steps": 6, "keep_checkpoints": 2, "mixup_alpha": 0.2, "cutmix_alpha": 0.2,
 }
 

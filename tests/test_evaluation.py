@@ -12,20 +12,22 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from conftest import METADATA_DIR, MOCK_EXAMPLES, ROOT, metric_at, read_metrics, tiny_config
+from conftest import (METADATA_DIR, MOCK_EXAMPLES, ROOT, metric_at, read_metrics,
+                      sliced_mock_cifar, tiny_config)
 from mixer import checkpoints, data, evaluation, train_lib
 
-REPORT_KEYS = {"workdir", "dataset", "split", "step", "num_examples", "top1", "top5", "loss",
-               "ece", "per_class_top1", "per_superclass_top1", "superclass_top1"}
+REPORT_KEYS = {"workdir", "dataset", "split", "step", "parameters", "eval_flip", "num_examples",
+               "top1", "top5", "loss", "ece", "per_class_top1", "per_superclass_top1", "superclass_top1"}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """One 6-step training run with checkpoints and eval metrics at steps 3 and 6."""
+  """One 6-step training run with checkpoints, val and eval metrics at steps 3 and 6."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, data_dir=METADATA_DIR):
+  with sliced_mock_cifar():
     train_lib.train_and_evaluate(
-        tiny_config(total_steps=6, eval_every_steps=3, checkpoint_every_steps=3), workdir)
+        tiny_config(total_steps=6, eval_every_steps=3, checkpoint_every_steps=3,
+                    train_split="train[:75%]", val_split="train[75%:]"), workdir)
   return workdir
 
 
@@ -98,7 +100,7 @@ def test_checkpoint_choice(run):
   ckpt = checkpoints.Checkpoints(run, read_only=True)
   best = ckpt.best_step()
   ckpt.close()
-  top1 = {s: metric_at(read_metrics(run), "eval/top1", s) for s in (3, 6)}
+  top1 = {s: metric_at(read_metrics(run), "val/top1", s) for s in (3, 6)}
   assert top1[best] == max(top1.values())
   step, config, params = evaluation.restore_params(run, "best")
   assert step == best and config.model.hidden_dim == 32
@@ -113,7 +115,7 @@ def test_best_without_eval_metrics_falls_back_to_latest(run, tmp_path, caplog):
     shutil.rmtree(os.path.join(workdir, "checkpoints", step, "metrics"))
   with caplog.at_level(logging.WARNING):
     assert evaluation.restore_params(workdir, "best")[0] == 6
-  assert "has eval metrics" in caplog.text
+  assert "has val/top1" in caplog.text
 
 
 def test_missing_config_or_checkpoint_names_the_workdir(run, tmp_path):
