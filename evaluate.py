@@ -15,6 +15,8 @@ flags.DEFINE_string("split", "test", "TFDS split to evaluate, e.g. 'test' or 'tr
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's config, "
                     "then $TFDS_DATA_DIR, then ~/tensorflow_datasets).")
 flags.DEFINE_integer("batch_size", None, "Eval batch size (default: the run's eval_batch_size).")
+flags.DEFINE_enum("parameters", "auto", ["auto", "ema", "trained"],
+                  "'auto': the run's EMA parameters when it kept them, else the trained ones.")
 FLAGS = flags.FLAGS
 
 
@@ -25,7 +27,7 @@ def main(argv):
   from mixer import evaluation  # pylint: disable=g-import-not-at-top
   try:
     report = evaluation.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split,
-                                            FLAGS.data_dir, FLAGS.batch_size)
+                                            FLAGS.data_dir, FLAGS.batch_size, FLAGS.parameters)
   except (FileNotFoundError, ValueError) as e:  # bad workdir, checkpoint or data: no traceback
     sys.exit(f"error: {e}")
   how = "EMA parameters" if report["parameters"] == "ema" else "trained parameters"

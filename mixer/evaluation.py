@@ -118,15 +118,17 @@ def check_param_shapes(params: Any, expected: Any, where: str) -> None:
                      "from another run?")
 
 
-def restore_params(workdir: str, checkpoint: str | int = "latest"
+def restore_params(workdir: str, checkpoint: str | int = "latest", parameters: str = "auto"
                    ) -> tuple[int, ml_collections.ConfigDict, Any]:
   """(step, config, params) of a run; params replicated over this process's mesh.
 
-  The parameters are the run's EMA parameters when it kept them (config.ema_decay > 0),
-  else the trained ones; `parameters_used(config)` says which. Works whatever the device count at training time: the arrays are restored against a
+  `parameters`: 'auto' (the run's EMA parameters when it kept them, config.ema_decay > 0,
+  else the trained ones; `parameters_used(config)` says which), 'ema' or 'trained'. Works
+  whatever the device count at training time: the arrays are restored against a
   target built from the checkpoint's own shapes, replicated on today's devices.
   """
   config = load_config(workdir)
+  use = parameters_used(config, parameters)
   ckpt = checkpoints.Checkpoints(workdir, read_only=True)
   try:
     step = resolve_step(ckpt, workdir, checkpoint)
@@ -137,7 +139,7 @@ def restore_params(workdir: str, checkpoint: str | int = "latest"
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                             saved)
       state = ckpt.restore(step, target)
-      params = state.get("ema_params") or state["params"]  # the optimizer state is dropped
+      params = state["ema_params" if use == "ema" else "params"]  # the optimizer state is dropped
     except Exception as e:  # pylint: disable=broad-except
       raise RuntimeError(
           f"The checkpoint at step {step} in {ckpt.directory} could not be read "
@@ -151,9 +153,19 @@ def restore_params(workdir: str, checkpoint: str | int = "latest"
   return step, config, params
 
 
-def parameters_used(config: ml_collections.ConfigDict) -> str:
-  """How restore_params' parameters were made, for reports: 'ema' or 'trained'."""
-  return "ema" if config.ema_decay else "trained"
+PARAMETERS = ("auto", "ema", "trained")
+
+
+def parameters_used(config: ml_collections.ConfigDict, parameters: str = "auto") -> str:
+  """Which parameters restore_params returns for `parameters`: 'ema' or 'trained'."""
+  if parameters not in PARAMETERS:
+    raise ValueError(f"parameters must be one of {PARAMETERS}, got {parameters!r}.")
+  if parameters == "ema" and not config.ema_decay:
+    raise ValueError("This run kept no EMA parameters (its config.ema_decay is 0); use "
+                     "parameters 'trained' or 'auto'.")
+  if parameters == "auto":
+    return "ema" if config.ema_decay else "trained"
+  return parameters
 
 
 def _tfds_label_names(dataset: str, data_dir: str | None) -> list[str]:
@@ -252,13 +264,13 @@ def _eval_batch_size(requested: int | None, default: int, num_examples: int,
 
 
 def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: str = "test",
-                        data_dir: str | None = None, batch_size: int | None = None
-                        ) -> dict[str, Any]:
+                        data_dir: str | None = None, batch_size: int | None = None,
+                        parameters: str = "auto") -> dict[str, Any]:
   """Evaluates one checkpoint on every example of `split` once; writes the report and PNGs.
 
   Returns the report (as written to JSON) plus `files`, the paths written.
   """
-  step, config, params = restore_params(workdir, checkpoint)
+  step, config, params = restore_params(workdir, checkpoint, parameters)
   eval_split = data.load_split(config.dataset, split, data_dir or config.data_dir)
   num_classes = num_classes_of(params)
   if eval_split.num_classes != num_classes:
@@ -275,7 +287,8 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
   correct = predictions == eval_split.labels
   report: dict[str, Any] = {
       "workdir": os.path.abspath(workdir), "dataset": config.dataset, "split": split,
-      "step": step, "parameters": parameters_used(config), "eval_flip": bool(config.eval_flip),
+      "step": step, "parameters": parameters_used(config, parameters),
+      "eval_flip": bool(config.eval_flip),
       "num_examples": result["eval/num_examples"],
       "top1": float(result["eval/top1"]), "top5": float(result["eval/top5"]),
       "loss": float(result["eval/loss"]),
@@ -285,7 +298,8 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
   }
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
-  stem = os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', split)}_step{step}")
+  stem = os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', split)}_step{step}"
+                      + ("_trained" if parameters == "trained" and config.ema_decay else ""))
   files = [plots.prediction_grid(eval_split.images[:GRID_IMAGES], eval_split.labels[:GRID_IMAGES],
                                  predictions[:GRID_IMAGES], eval_split.class_names,
                                  f"{stem}_predictions.png")]

@@ -77,16 +77,18 @@ def _series(rows: Sequence[Mapping[str, float]], name: str) -> tuple[list[int], 
 
 
 def training_curves(metrics_rows: Sequence[Mapping[str, float]], path: str) -> str:
-  """Loss and top-1 against step, train and eval, from metrics.jsonl rows (two panels)."""
+  """Loss and top-1 against step, train, val and eval (test), from metrics.jsonl rows."""
   fig = Figure(figsize=(12, 4.5), layout="constrained")
   panels = [("loss", "Loss"), ("top1", "Top-1 accuracy")]
   for k, (metric, label) in enumerate(panels):
     ax = fig.add_subplot(1, 2, k + 1)
-    for prefix, style in (("train", dict(color="tab:blue", linewidth=1.2)),
-                          ("eval", dict(color="tab:orange", marker="o", linewidth=1.5))):
+    for prefix, name, style in (
+        ("train", "train", dict(color="tab:blue", linewidth=1.2)),
+        ("val", "val", dict(color="tab:green", marker="s", linewidth=1.5)),
+        ("eval", "test", dict(color="tab:orange", marker="o", linewidth=1.5))):
       steps, values = _series(metrics_rows, f"{prefix}/{metric}")
       if steps:
-        ax.plot(steps, values, label=f"{prefix} (step {steps[-1]}: {values[-1]:.4g})", **style)
+        ax.plot(steps, values, label=f"{name} (step {steps[-1]}: {values[-1]:.4g})", **style)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_title(label)

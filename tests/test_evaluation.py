@@ -17,7 +17,8 @@ from conftest import (METADATA_DIR, MOCK_EXAMPLES, ROOT, metric_at, read_metrics
 from mixer import checkpoints, data, evaluation, train_lib
 
 REPORT_KEYS = {"workdir", "dataset", "split", "step", "parameters", "eval_flip", "num_examples",
-               "top1", "top5", "loss", "ece", "per_class_top1", "per_superclass_top1", "superclass_top1"}
+               "top1", "top5", "loss", "ece", "per_class_top1", "per_superclass_top1",
+               "superclass_top1"}
 
 
 @pytest.fixture(scope="module")

@@ -157,3 +157,15 @@ def test_sweep_ranking_prefers_val_and_says_when_on_test():
   with_val = [{"step": 6, "eval/top1": 0.9, "val/top1": 0.1}]
   assert sweep_summary.ranking_metric(with_val) == "val/top1"
   assert sweep_summary.ranking_metric([{"step": 6, "eval/top1": 0.9}]) == "eval/top1"
+
+
+def test_evaluation_can_choose_the_trained_params_of_an_ema_run(recipe_run):
+  workdir, _, state = recipe_run
+  with sliced_mock_cifar():
+    _, _, params = evaluation.restore_params(workdir, 12, "trained")
+    report = evaluation.evaluate_checkpoint(workdir, 12, "test", parameters="trained")
+  for key, value in flat(params).items():
+    np.testing.assert_array_equal(value, flat(state["params"])[key])
+  assert report["parameters"] == "trained" and report["files"][0].endswith("_trained.json")
+  with pytest.raises(ValueError, match="kept no EMA parameters"):
+    evaluation.parameters_used(tiny_config(), "ema")
