@@ -1,6 +1,8 @@
 """The recipe machinery around the train step: EMA, flip TTA, validation split, rng streams."""
 import os
 import shutil
+import subprocess
+import sys
 
 import flax
 import jax
@@ -9,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import MOCK_EXAMPLES, metric_at, read_metrics, sliced_mock_cifar, tiny_config
+from conftest import (MOCK_EXAMPLES, ROOT, metric_at, read_metrics, sliced_mock_cifar,
+                      tiny_config)
 from mixer import (checkpoints, data, evaluation, optim, parallel, rng_streams, sweep_summary,
                    train_lib)
 
@@ -169,3 +172,24 @@ def test_evaluation_can_choose_the_trained_params_of_an_ema_run(recipe_run):
   assert report["parameters"] == "trained" and report["files"][0].endswith("_trained.json")
   with pytest.raises(ValueError, match="kept no EMA parameters"):
     evaluation.parameters_used(tiny_config(), "ema")
+
+
+def test_predict_and_export_use_the_ema_params_and_say_so(recipe_run, tmp_path):
+  from mixer import pretrained  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  workdir, _, state = recipe_run
+  image, out = str(tmp_path / "a.png"), str(tmp_path / "run.npz")
+  Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)).save(image)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = lambda script, *args: subprocess.run(
+      [sys.executable, os.path.join(ROOT, script), f"--workdir={workdir}", *args],
+      capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+  predicted = run("predict.py", image)
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  assert "(EMA parameters, flip test-time augmentation)" in predicted.stdout.splitlines()[0]
+  exported = run("export.py", "--checkpoint=12", f"--out={out}")
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  assert "Wrote the EMA parameters of step 12" in exported.stdout
+  flat_npz, ema = pretrained.load_npz(out), flat(state["ema_params"])
+  for key, value in ema.items():
+    np.testing.assert_array_equal(flat_npz[key], value, err_msg=key)
