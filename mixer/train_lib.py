@@ -297,7 +297,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   state_from = lambda params: new_state(params, tx, config.ema_decay)
   create_state = lambda: state_from(init_params(model, config.image_size, config.seed))
-  init_state = jax.jit(create_state, out_shardings=parallel.replicated(mesh))
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
       jax.eval_shape(create_state))
@@ -313,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     params = load_initial_params(config, model, mesh)
     state = jax.jit(state_from, out_shardings=parallel.replicated(mesh))(params)
   elif state is None:
-    state = init_state()
+    state = jax.jit(create_state, out_shardings=parallel.replicated(mesh))()
   else:
     logging.info("Resuming from the checkpoint at step %d.", start_step)
   if jax.process_index() == 0:
