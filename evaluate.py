@@ -3,11 +3,9 @@
 Scores every example of --split once and writes DIR/eval/<split>_step<STEP>.json (top-1/5,
 loss, per-class and per-superclass accuracy, calibration error) with PNGs beside it.
 """
-import sys
-
 from absl import app, flags
 
-from mixer import runtime
+from mixer import cli_errors, runtime
 
 flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by val/top1) or a step number.")
@@ -21,15 +19,14 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  runtime.quiet_orbax_logs()
+  runtime.quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from mixer import evaluation  # pylint: disable=g-import-not-at-top
-  try:
+  # A bad workdir, checkpoint or data, a full disk: one line (MIXER_DEBUG=1: the traceback).
+  with cli_errors.user_errors():
     report = evaluation.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split,
                                             FLAGS.data_dir, FLAGS.batch_size, FLAGS.parameters)
-  except (FileNotFoundError, ValueError) as e:  # bad workdir, checkpoint or data: no traceback
-    sys.exit(f"error: {e}")
   how = "EMA parameters" if report["parameters"] == "ema" else "trained parameters"
   how += ", flip test-time augmentation" if report["eval_flip"] else ""
   print(f"{report['dataset']}:{report['split']} at step {report['step']} ({how})")

@@ -6,11 +6,9 @@ The file has the layout of the published MLP-Mixer checkpoints ('/'-joined Linen
 as `MixerBlock_3/token_mixing/Dense_0/kernel`), so other Mixer code can read it, and
 `--config.init_from=mixer.npz` fine-tunes from it.
 """
-import sys
-
 from absl import app, flags
 
-from mixer import runtime
+from mixer import cli_errors, runtime
 
 flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by val/top1) or a step number.")
@@ -19,15 +17,14 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  runtime.quiet_orbax_logs()
+  runtime.quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from mixer import evaluation, pretrained  # pylint: disable=g-import-not-at-top
-  try:
+  # A bad workdir or checkpoint, an unwritable --out: one line (MIXER_DEBUG=1: the traceback).
+  with cli_errors.user_errors():
     step, config, params = evaluation.restore_params(FLAGS.workdir, FLAGS.checkpoint)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
-  pretrained.export_npz(params, FLAGS.out)
+    pretrained.export_npz(params, FLAGS.out)
   which = "EMA parameters" if evaluation.parameters_used(config) == "ema" else "parameters"
   print(f"Wrote the {which} of step {step} to {FLAGS.out}.")
 

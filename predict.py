@@ -1,14 +1,15 @@
 """Classifies image files with a trained run: python predict.py --workdir=DIR IMAGE...
 
 Each PNG/JPEG is converted to RGB and resized to the model's input size; prints the top-5
-classes with their probabilities. Unreadable files are reported and the others still
-classified; the exit status is 1 if any file failed.
+classes with their probabilities. Unreadable files (missing, undecodable, or more pixels than
+PIL's Image.MAX_IMAGE_PIXELS) are reported and the others still classified; the exit status
+is 1 if any file failed. MIXER_DEBUG=1 shows the traceback of a fatal error.
 """
 import sys
 
 from absl import app, flags
 
-from mixer import runtime
+from mixer import cli_errors, runtime
 
 flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by val/top1) or a step number.")
@@ -19,15 +20,13 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  runtime.quiet_orbax_logs()
+  runtime.quiet_logs()
   if len(argv) < 2:
     raise app.UsageError("Give one or more image files: predict.py --workdir=DIR IMAGE...")
   from mixer import evaluation  # pylint: disable=g-import-not-at-top
-  try:
+  with cli_errors.user_errors():  # bad workdir or checkpoint: one line (MIXER_DEBUG=1: traceback)
     step, predictions = evaluation.predict_files(FLAGS.workdir, argv[1:], FLAGS.checkpoint,
                                                  FLAGS.data_dir, FLAGS.top_k)
-  except (FileNotFoundError, ValueError) as e:  # bad workdir, checkpoint or data: no traceback
-    sys.exit(f"error: {e}")
   config = evaluation.load_config(FLAGS.workdir)
   how = "EMA parameters" if evaluation.parameters_used(config) == "ema" else "trained parameters"
   how += ", flip test-time augmentation" if config.eval_flip else ""

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mixer import sweep_runner, sweep_summary, sweeps
+from mixer import cli_errors, sweep_runner, sweep_summary, sweeps
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (with get_sweep).",
                                 lock_config=True)
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli_errors.parse_flags)

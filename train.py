@@ -6,7 +6,7 @@ Several processes (hosts): pass --num_processes, --process_id, --coordinator_add
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mixer import runtime
+from mixer import cli_errors, runtime
 
 config_flags.DEFINE_config_file("config", "configs/cifar100_s.py", "Experiment config file.",
                                 lock_config=True)
@@ -15,11 +15,13 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and con
 flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_list("allow_config_change", [], "Run-defining config keys that may differ from "
+                  "the workdir's recorded config on resume, e.g. 'num_epochs,total_steps'.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-  runtime.quiet_orbax_logs()
+  runtime.quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
@@ -30,10 +32,12 @@ def main(argv):
   from mixer import train_lib  # pylint: disable=g-import-not-at-top
   logging.info("Memory allocator: %s; XLA:CPU dots: %s.", runtime.allocator_in_use(),
                runtime.xla_cpu_dots())
-  result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  logging.info("Done: %s", {k: v for k, v in result.items() if k != "logits"})
+  with cli_errors.user_errors():
+    result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                          tuple(FLAGS.allow_config_change))
+  logging.info("Done: %s", result)
 
 
 if __name__ == "__main__":
   runtime.prepare_process()
-  app.run(main)
+  app.run(main, flags_parser=cli_errors.parse_flags)

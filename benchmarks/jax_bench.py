@@ -1,4 +1,4 @@
-"""The real jitted train and eval steps of `mixer.train_lib` on random uint8 device data."""
+"""The real jitted train and eval steps (`mixer.train_step`, `mixer.evaluator`) on random uint8 data."""
 from __future__ import annotations
 
 import time
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mixer import data, optim, parallel, train_lib
+from mixer import data, evaluator, models, optim, parallel, train_step
 
 import flops
 import timing
@@ -41,14 +41,14 @@ class JaxBench:
     self.config, self.counter = config, counter
     self.mesh = parallel.make_mesh()
     self.batch_size = config.batch_size
-    self.model = train_lib.build_model(config, num_classes)
+    self.model = models.build_model(config, num_classes)
     per_epoch = data.steps_per_epoch(num_examples, config.batch_size)
     schedule = optim.learning_rate_schedule(config, SCHEDULE_EPOCHS * per_epoch, per_epoch)
     self.tx = tx = optim.make_optimizer(config, schedule)
 
     def create_state():
-      params = train_lib.init_params(self.model, config.image_size, config.seed)
-      return train_lib.new_state(params, tx, config.ema_decay)
+      params = models.init_params(self.model, config.image_size, config.seed)
+      return train_step.new_state(params, tx, config.ema_decay)
 
     replicated = parallel.replicated(self.mesh)
     self.state = jax.jit(create_state, out_shardings=replicated)()
@@ -59,11 +59,11 @@ class JaxBench:
     self.labels = parallel.put_replicated(
         rng.integers(0, num_classes, (num_examples,), np.int32), self.mesh)
     self.step_fn = jax.jit(
-        train_lib.make_train_step(self.model, tx, config, num_classes, self.mesh),
+        train_step.make_train_step(self.model, tx, config, num_classes, self.mesh),
         donate_argnums=0, out_shardings=replicated)
     # Timed steps stay in epoch 0 (the loop recomputes the order once per epoch).
-    self.order = train_lib.EpochOrders(config.seed, num_examples, self.batch_size,
-                                       self.mesh)(0, self.state.step)
+    self.order = data.EpochOrders(config.seed, num_examples, self.batch_size,
+                                  replicated)(0, self.state.step)
 
     start = time.perf_counter()
     lowered = self.step_fn.lower(self.state, self.images, self.labels, self.order)
@@ -98,7 +98,7 @@ class JaxBench:
 
 
 class EvalBench:
-  """`train_lib.Evaluator` on random uint8 images; times its jitted step batch by batch."""
+  """`evaluator.Evaluator` on random uint8 images; times its jitted step batch by batch."""
 
   def __init__(self, bench: JaxBench, num_classes: int, num_batches: int = 4, seed: int = 1):
     config, batch = bench.config, bench.batch_size
@@ -109,7 +109,7 @@ class EvalBench:
         labels=rng.integers(0, num_classes, (n,), np.int32),
         class_names=[str(i) for i in range(num_classes)])
     self.bench = bench
-    self.evaluator = train_lib.Evaluator(bench.model, split, config.image_size, batch, bench.mesh)
+    self.evaluator = evaluator.Evaluator(bench.model, split, config.image_size, batch, bench.mesh)
     start = time.perf_counter()
     self.evaluator.step.lower(bench.state.params, *self.evaluator.arrays, np.int32(0)).compile()
     self.compile_s = time.perf_counter() - start

@@ -54,10 +54,10 @@ def bench(name: str, seconds: float, warmup: int) -> dict[str, float]:
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import flops  # pylint: disable=g-import-not-at-top
-  from mixer import train_lib  # pylint: disable=g-import-not-at-top
+  from mixer import models  # pylint: disable=g-import-not-at-top
   spec = specs.SPECS[name]
   config = specs.load_config(spec, spec.batch_size)
-  flax_model = train_lib.build_model(config, spec.num_classes)
+  flax_model = models.build_model(config, spec.num_classes)
   model = build(flax_model, config.image_size, spec.num_classes)
   model.compile(
       optimizer=keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay,

@@ -3,7 +3,7 @@
   python benchmarks/profile_step.py                      # Mixer-S/4 32x32, batch 128
   python benchmarks/profile_step.py --config ti4 --batch_size 256 --trace_steps 3
 
-Times the real step of `train_lib.make_train_step`, then jitted pieces of it on the same
+Times the real step of `train_step.make_train_step`, then jitted pieces of it on the same
 shapes (input pipeline = gather + crop/flip + mixup; forward; forward + backward; optimizer
 update), counts minor page faults per step, and sums a `jax.profiler` trace per HLO op,
 grouped by what the op computes and by the model part it comes from.
@@ -43,11 +43,11 @@ def time_parts(bench: Any, num_classes: int, reps: int) -> dict[str, float]:
   """Median seconds of the step's pieces, each jitted alone on the step's shapes."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from mixer import train_lib  # pylint: disable=g-import-not-at-top
+  from mixer import train_step  # pylint: disable=g-import-not-at-top
   config, model, tx = bench.config, bench.model, bench.tx
 
-  inputs = train_lib.make_batch_fn(config, num_classes)
-  loss_fn = train_lib.make_loss_fn(model)
+  inputs = train_step.make_batch_fn(config, num_classes)
+  loss_fn = train_step.make_loss_fn(model)
 
   def update(grads, opt_state, params):
     updates, opt_state = tx.update(grads, opt_state, params)

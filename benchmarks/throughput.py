@@ -4,10 +4,10 @@
   python benchmarks/throughput.py --configs s4,b16 --compare
   python benchmarks/throughput.py --batch_size s4=256,b16=16 --steps 10
 
-For each shape (benchmarks/specs.py) it times the jitted step of `train_lib.make_train_step`
+For each shape (benchmarks/specs.py) it times the jitted step of `train_step.make_train_step`
 (gather by (seed, step), on-device augmentation, update) on random uint8 data held on the
 device, one synchronised step at a time, median over the timed steps after warm-up; the
-eval step of `train_lib.Evaluator` likewise. With --compare a PyTorch eager peer of the
+eval step of `evaluator.Evaluator` likewise. With --compare a PyTorch eager peer of the
 same shapes (benchmarks/torch_mixer.py) is timed in passes interleaved with the JAX ones,
 so that a change of machine load hits both. MFU divides the analytic training FLOP/s by the
 matmul peak measured in the same run (float32 on CPU, bfloat16 on GPU/TPU).

@@ -24,7 +24,6 @@ def get_config(arg=None):
   config = config_lib.base_config()
   config.train_split = "train[:98%]"
   config.val_split = "train[98%:]"
-  config.model.variant = "S/4"
   config.model.stoch_depth = 0.1
   config.batch_size = 512
   config.num_epochs = 300

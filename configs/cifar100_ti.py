@@ -18,7 +18,6 @@ from mixer import config_lib, sweeps
 def get_config(arg=None):
   config = config_lib.base_config()
   config.model.variant = "Ti/4"
-  config.batch_size = 128
   config.num_epochs = 5
   config.learning_rate = 2e-3
   config.warmup_epochs = 1.0

@@ -1,10 +1,42 @@
-"""Orbax checkpoints under `WORKDIR/checkpoints`: async, atomic, latest N plus the best.
+"""Orbax checkpoints in `WORKDIR/checkpoints`: async, atomic, latest N plus the best, checksummed.
 
-Steps are saved explicitly by the training loop. A latest checkpoint that fails to
-restore (corrupt, truncated) is skipped with a warning in favour of the one before it.
+Steps are saved explicitly by the training loop.
+
+Integrity. Once a step saved by this process is final (Orbax renames its temporary
+directory when the async save finishes; `wait_until_finished` returns after that), the size
+and SHA-256 of every file under `checkpoints/<step>/` go into a manifest,
+`WORKDIR/checkpoints_checksums/<step>.json` (outside Orbax's directory, written atomically,
+by process 0 only). Manifests are written at the start of the next `save` (Orbax waits for
+the previous save there anyway) and in `wait`/`close`; manifests of steps Orbax has since
+garbage-collected are dropped then too. Only steps this process wrote get one: a manifest
+vouches for bytes known to be as saved, so steps of older runs, or a step whose process
+died before its manifest, stay "unverified" and are restored as before.
+
+A step whose files differ from its manifest (other bytes, another size, a missing file) is
+*proven* damaged: `verify` raises `CorruptCheckpointError`. Files the manifest does not
+list are ignored, and so is a missing `metrics` item (Orbax's per-step metrics, which
+only rank steps for "best": without them the step is still restorable).
+
+`restore_latest_good` (resuming a run) goes from the newest step down:
+  * a proven-damaged step is moved to `WORKDIR/corrupt_checkpoints/` with its manifest,
+    and the next older step is tried;
+  * a restore that fails because of the machine rather than the files (MemoryError, an
+    OSError other than a missing file, e.g. ENOSPC, EIO, EACCES, or a TensorStore error
+    saying so: RESOURCE_EXHAUSTED, PERMISSION_DENIED, "No space left", ...) stops at once
+    with a RuntimeError naming the step; nothing is moved, since the same step will load
+    once the cause is fixed;
+  * any other restore error (truncated or garbled files of a step without a manifest, a
+    structure that no longer fits) sets the step aside only if an older step does load,
+    as before: a run's steps share one structure, so the newer step is the damaged one.
+    When no step loads, only proven-damaged steps are moved, and the error lists why
+    each step failed (e.g. a config that no longer matches the run).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -17,6 +49,70 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "val/top1"  # only runs with a validation split have a "best" step
+CHECKSUMS_DIR = "checkpoints_checksums"
+HASH = "sha256"
+# Orbax's per-step metrics item (CheckpointManager's METRIC_ITEM_NAME): may be missing.
+OPTIONAL_ITEMS = ("metrics",)
+_CHUNK = 1 << 20
+
+# A missing file is damage to the step; other OS errors, and these texts, blame the machine.
+_MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+_ENVIRONMENT_TEXT = ("resource_exhausted", "permission_denied", "unavailable:",
+                     "deadline_exceeded", "out of memory", "cannot allocate memory",
+                     "no space left", "disk quota exceeded", "input/output error",
+                     "permission denied", "read-only file system", "too many open files",
+                     "stale file handle")
+
+
+class CorruptCheckpointError(ValueError):
+  """A step's files differ from the checksums written when it was saved."""
+
+  def __init__(self, step: int, directory: str, problems: list[str]):
+    self.step, self.directory, self.problems = step, directory, problems
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
+                                       if len(problems) > 3 else "")
+    super().__init__(f"The checkpoint at step {step} in {directory} is damaged ({shown})")
+
+
+def environment_error(error: BaseException) -> BaseException | None:
+  """The error (or one it was raised from) that blames the machine, not the files; or None.
+
+  MemoryError, an OSError other than a missing file/directory, or an error whose text says
+  out of memory/disk, I/O error or permission denied (TensorStore reports OS errors as
+  ValueError with such text).
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, MemoryError):
+      return error
+    missing = isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError))
+    if isinstance(error, OSError) and not missing and error.errno not in _MISSING_ERRNOS:
+      return error
+    text = str(error).lower()
+    if any(marker in text for marker in _ENVIRONMENT_TEXT):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _file_digest(path: str, algorithm: str = HASH) -> str:
+  digest = hashlib.new(algorithm)
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _files_under(directory: str) -> list[str]:
+  """Relative paths (with '/') of the regular files under `directory`, sorted."""
+  found = []
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      if os.path.isfile(path) and not os.path.islink(path):
+        found.append(os.path.relpath(path, directory).replace(os.sep, "/"))
+  return sorted(found)
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
@@ -28,6 +124,9 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.checksums_dir = os.path.join(os.path.abspath(workdir), CHECKSUMS_DIR)
+    self.read_only = read_only
+    self._unmanifested: set[int] = set()  # steps saved here whose manifest is not written yet
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
         policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
@@ -51,58 +150,202 @@ class Checkpoints:
     """Starts an async save; `metrics` with val/top1 make the step a candidate for best."""
     if metrics is not None and BEST_METRIC not in metrics:
       metrics = None
-    self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    self._finish_saved_steps()  # waits for the previous save, as Orbax's save would
+    if self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True):
+      self._unmanifested.add(step)
 
   def restore(self, step: int, abstract_state: Any = None) -> Any:
-    """Restores `step`; without `abstract_state`, as saved (nested dicts, default device)."""
+    """Restores `step` as it is, unverified; without `abstract_state`, as saved (nested
+    dicts, default device)."""
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def restore_verified(self, step: int, abstract_state: Any = None) -> Any:
+    """`restore` after `verify`: raises CorruptCheckpointError for a proven-damaged step."""
+    self.verify(step)
+    return self.restore(step, abstract_state)
+
+  # --- Checksums.
+
+  def manifest_path(self, step: int) -> str:
+    return os.path.join(self.checksums_dir, f"{step}.json")
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _write_manifest(self, step: int) -> None:
+    step_dir = self._step_dir(step)
+    files = {}
+    for rel in _files_under(step_dir):
+      path = os.path.join(step_dir, rel)
+      files[rel] = {"size": os.path.getsize(path), HASH: _file_digest(path)}
+    os.makedirs(self.checksums_dir, exist_ok=True)
+    target = self.manifest_path(step)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"step": step, "algorithm": HASH, "files": files}, f, indent=1,
+                  sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, target)
+    finally:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+
+  def _finish_saved_steps(self) -> None:
+    """Waits for async saves; writes manifests of finished steps, drops those of gone steps."""
+    self.manager.wait_until_finished()
+    if self.read_only or jax.process_index() != 0:
+      self._unmanifested.clear()
+      return
+    steps = set(self.manager.all_steps())
+    for step in sorted(self._unmanifested & steps):
+      if not os.path.isdir(self._step_dir(step)):  # final once renamed from Orbax's tmp dir
+        continue
+      try:
+        self._write_manifest(step)
+      except OSError as e:  # e.g. a full disk: the step stays usable, only unverified
+        logging.warning("Could not write the checksum manifest of checkpoint step %d (%s); "
+                        "it will be restored unverified.", step, e)
+    self._unmanifested.clear()
+    if os.path.isdir(self.checksums_dir):
+      for name in os.listdir(self.checksums_dir):
+        stem = name.split(".json")[0]
+        if stem.isdigit() and (int(stem) not in steps or ".json.tmp-" in name):
+          with contextlib.suppress(FileNotFoundError):  # garbage-collected by Orbax
+            os.remove(os.path.join(self.checksums_dir, name))
+
+  def verify(self, step: int) -> bool:
+    """True when `step` matches its manifest; False when it has none (unverified).
+
+    Raises CorruptCheckpointError naming the files that are missing, of another size or of
+    other bytes. A manifest that cannot be parsed proves nothing: the step is unverified.
+    """
+    path = self.manifest_path(step)
+    try:
+      with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+      expected = manifest["files"]
+      algorithm = manifest.get("algorithm", HASH)
+      if algorithm not in hashlib.algorithms_available or not all(
+          isinstance(want, dict) and isinstance(want.get("size"), int)
+          and isinstance(want.get(algorithm), str) for want in expected.values()):
+        raise ValueError("unexpected contents")
+    except FileNotFoundError:
+      logging.info("Checkpoint step %d has no checksum manifest (%s): restoring it unverified.",
+                   step, path)
+      return False
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      logging.warning("The checksum manifest %s is unreadable (%s); checkpoint step %d is "
+                      "restored unverified.", path, e, step)
+      return False
+    step_dir = self._step_dir(step)
+    problems = []
+    for rel, want in sorted(expected.items()):
+      file = os.path.join(step_dir, *rel.split("/"))
+      if not os.path.isfile(file):
+        if rel.split("/")[0] in OPTIONAL_ITEMS:
+          continue
+        problems.append(f"{rel} is missing")
+      elif (size := os.path.getsize(file)) != want["size"]:
+        problems.append(f"{rel} has {size} bytes, {want['size']} when saved")
+      elif _file_digest(file, algorithm) != want[algorithm]:
+        problems.append(f"checksum mismatch in {rel}")
+    if problems:
+      raise CorruptCheckpointError(step, self.directory, problems)
+    logging.info("Checkpoint step %d matches its checksums (%d files).", step, len(expected))
+    return True
+
+  def good_steps(self, exclude: int | None = None) -> list[int]:
+    """Saved steps (but `exclude`) not proven damaged: verified or without a manifest."""
+    good = []
+    for step in self.all_steps():
+      if step == exclude:
+        continue
+      try:
+        self.verify(step)
+      except (CorruptCheckpointError, OSError):
+        continue
+      good.append(step)
+    return good
+
+  # --- Resuming.
 
   def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any] | None:
     """Restores the newest step that loads; None when there is no checkpoint at all.
 
-    Newer steps that fail while an older one loads with the same structure are corrupt:
-    they are moved to `corrupt_checkpoints/` (never deleted). When no step loads, nothing
-    is moved and the error lists why each failed (e.g. a config that no longer matches).
+    See the module docstring: proven-damaged steps are moved to `corrupt_checkpoints/`
+    (never deleted); errors of the machine stop with a RuntimeError, moving nothing; other
+    restore errors move the newer steps aside only when an older step loads.
     """
-    failures = []
+    failures = []  # (step, error, proven damaged)
     for step in reversed(self.all_steps()):
       try:
-        state = self.restore(step, abstract_state)
+        state = self.restore_verified(step, abstract_state)
+      except CorruptCheckpointError as e:
+        logging.warning("%s.", e)
+        failures.append((step, e, True))
+        continue
       except Exception as e:  # pylint: disable=broad-except
+        self._raise_if_environment(step, e)
         logging.warning("Checkpoint at step %d could not be restored (%s: %s).", step,
                         type(e).__name__, str(e)[:500])
-        failures.append((step, e))
+        failures.append((step, e, False))
         continue
-      for bad_step, _ in failures:
-        logging.warning("Step %d is unreadable but step %d loads: moving step %d to %s and "
-                        "resuming from step %d.", bad_step, step, bad_step, self.quarantine_dir,
-                        step)
+      for bad_step, error, proven in failures:
+        why = "is damaged (checksums differ)" if proven else "is unreadable"
+        logging.warning("Checkpoint step %d %s but step %d loads: moving step %d to %s and "
+                        "resuming from step %d.", bad_step, why, step, bad_step,
+                        self.quarantine_dir, step)
         self._quarantine(bad_step)
       return step, state
     if failures:
-      details = "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:300]}" for s, e in failures)
+      moved = [s for s, _, proven in failures if proven]
+      for bad_step in moved:
+        self._quarantine(bad_step)
+      details = "; ".join(
+          f"step {s}: damaged ({'; '.join(e.problems[:3])}), moved to {self.quarantine_dir}"
+          if proven else
+          f"step {s}: {type(e).__name__}: {str(e)[:300]}" for s, e, proven in failures)
+      if len(moved) == len(failures):
+        raise RuntimeError(
+            f"Every checkpoint in {self.directory} was damaged ({details}). Nothing is left "
+            "to resume from: run again to start from step 0, or use a new --workdir.")
       raise RuntimeError(
           f"No checkpoint in {self.directory} could be restored for this config ({details}). "
           "If the model, optimizer or dataset changed, use a new --workdir.")
     return None
+
+  def _raise_if_environment(self, step: int, error: Exception) -> None:
+    cause = environment_error(error)
+    if cause is None:
+      return
+    raise RuntimeError(
+        f"The checkpoint at step {step} in {self.directory} could not be read because of the "
+        f"machine, not the checkpoint ({type(cause).__name__}: {str(cause)[:500]}); it is left "
+        "where it is. Free memory or disk space, or fix the permissions, and run again."
+    ) from error
 
   @property
   def quarantine_dir(self) -> str:
     return os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
 
   def _quarantine(self, step: int) -> None:
-    """Moves an unreadable step aside (not deleted), so that it can be saved again."""
+    """Moves a damaged step (and its manifest) aside, not deleted, so it can be saved again."""
     self.manager.wait_until_finished()
     if jax.process_index() == 0:
       os.makedirs(self.quarantine_dir, exist_ok=True)
       target = os.path.join(self.quarantine_dir, f"{step}.{int(time.time())}")
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      shutil.move(self._step_dir(step), target)
+      if os.path.exists(self.manifest_path(step)):
+        shutil.move(self.manifest_path(step), f"{target}.checksums.json")
     multihost_utils.sync_global_devices(f"mixer_quarantine_{step}")
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._finish_saved_steps()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self._finish_saved_steps()
     self.manager.close()
+

@@ -72,12 +72,29 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_arg(arg: str | None, choices: tuple[str, ...] = ()) -> tuple[str | None, bool]:
+  """A config file's argument, 'CHOICE', 'smoke' or 'CHOICE,smoke' -> (CHOICE or None, smoke).
+
+  `choices` are the values the config file accepts besides 'smoke' (e.g. Mixer variants).
+  """
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  smoke = "smoke" in parts
+  rest = [p for p in parts if p != "smoke"]
+  if len(rest) > 1 or (rest and rest[0] not in choices):
+    allowed = ", ".join(repr(c) for c in (*choices, "smoke"))
+    raise ValueError(f"Unknown config argument {arg!r}; expected one of {allowed}"
+                     f"{' (or CHOICE,smoke)' if choices else ''}.")
+  return (rest[0] if rest else None), smoke
+
+
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Applies the config-file argument: `smoke` shrinks any config to a 1-2 minute CPU run."""
-  if not arg:
-    return config
-  if arg != "smoke":
-    raise ValueError(f"Unknown config argument {arg!r}; supported: 'smoke'.")
+  _, smoke = parse_arg(arg)
+  return shrink_to_smoke(config) if smoke else config
+
+
+def shrink_to_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """60 steps of batch 64 of a Ti-sized Mixer at (at most) 32x32: the recipe, not its cost."""
   config.total_steps = 60
   config.batch_size = 64
   config.eval_batch_size = 500
@@ -88,6 +105,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
   size, _, patch = config.model.variant.partition("/")
   if size not in ("Ti",):
     config.model.variant = f"Ti/{patch}"
+  config.image_size = min(config.image_size, 32)
   return config
 
 

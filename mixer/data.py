@@ -7,8 +7,11 @@ which makes resume exact and leaves the host idle.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import glob
 import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -53,21 +56,19 @@ def load_split(dataset: str, split: str, data_dir: str | None = None) -> Split:
   import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], "GPU")
   data_dir = resolve_data_dir(data_dir)
-  where = data_dir or os.path.expanduser("~/tensorflow_datasets") + " (TFDS's default)"
+  root = data_dir or os.path.expanduser("~/tensorflow_datasets")
   try:
     ds, info = tfds.load(dataset, split=split, data_dir=data_dir, download=False,
                          batch_size=-1, with_info=True)
+    arrays = tfds.as_numpy(ds)
   except (AssertionError, tfds.core.DatasetNotFoundError, FileNotFoundError) as e:
-    raise DatasetNotFoundError(
-        f"Dataset {dataset!r} (split {split!r}) is not prepared in {where}. Point "
-        f"TFDS_DATA_DIR or --config.data_dir at a directory holding {dataset}/<version>/ "
-        f"in TFDS format, or prepare it on a machine with internet access "
-        f"(`tfds build {dataset} --data_dir=DIR`) and copy DIR here. ({e})") from None
+    raise DatasetNotFoundError(_not_found_message(dataset, split, root, data_dir, e)) from None
+  except tf.errors.DataLossError as e:
+    raise ValueError(_corrupt_message(dataset, split, root, e)) from None
   missing = {"image", "label"} - set(info.features)
   if missing:
     raise ValueError(f"Dataset {dataset!r} has no {sorted(missing)} feature; "
                      "Mixer needs an image-classification dataset with `image` and `label`.")
-  arrays = tfds.as_numpy(ds)
   images = np.asarray(arrays["image"], np.uint8)
   if images.ndim != 4:
     raise ValueError(f"Dataset {dataset!r} images have shape {images.shape[1:]}; "
@@ -80,6 +81,61 @@ def load_split(dataset: str, split: str, data_dir: str | None = None) -> Split:
                class_names=list(info.features["label"].names),
                coarse_labels=coarse[0] if coarse else None,
                coarse_names=coarse[1] if coarse else None)
+
+
+def _expected_version(dataset: str) -> str | None:
+  import tensorflow_datasets as tfds
+  try:
+    return str(tfds.builder_cls(dataset).VERSION)
+  except Exception:  # pylint: disable=broad-except  # unknown name, or a name with a config
+    return None
+
+
+def _not_found_message(dataset: str, split: str, root: str, data_dir: str | None,
+                       error: Exception) -> str:
+  """Why `dataset` could not be loaded from `root`, and what to do, in one sentence or two."""
+  import tensorflow_datasets as tfds
+  where = root if data_dir else f"{root} (TFDS's default; set TFDS_DATA_DIR or --config.data_dir)"
+  name = re.split(r"[:/]", dataset)[0]
+  expected = _expected_version(dataset)
+  if expected is None and "/" not in dataset and ":" not in dataset:
+    close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False),
+                                      n=4, cutoff=0.7)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"Unknown dataset {dataset!r}: TFDS has no dataset of that name.{hint}"
+  if not os.path.isdir(root):
+    return f"The data directory {where} does not exist."
+  dataset_dir = os.path.join(root, name)
+  if not os.path.isdir(dataset_dir):
+    present = sorted(d for d in os.listdir(root) if not d.startswith("."))
+    return (f"Dataset {dataset!r} is not prepared in {where} (it holds: "
+            f"{', '.join(present[:10]) or 'nothing'}). Point TFDS_DATA_DIR or --config.data_dir "
+            f"at a directory holding {name}/<version>/ in TFDS format, or prepare it on a machine "
+            f"with internet access (`tfds build {name} --data_dir=DIR`) and copy DIR here.")
+  found = sorted(d for d in os.listdir(dataset_dir) if re.fullmatch(r"\d+\.\d+\.\d+", d))
+  if expected and expected not in found:
+    return (f"Dataset {dataset!r} in {dataset_dir} has version(s) {found or 'none'}, but this "
+            f"TFDS ({tfds.__version__}) reads version {expected}: prepare {name}/{expected} "
+            "with this TFDS version.")
+  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+  return f"Dataset {dataset!r} split {split!r} could not be read from {where}: {first_line}"
+
+
+def _corrupt_message(dataset: str, split: str, root: str, error: Exception) -> str:
+  """Names the damaged record file of `split` (found by reading each of its files)."""
+  import tensorflow as tf
+  name, base = re.split(r"[:/]", dataset)[0], re.split(r"[\[+]", split)[0]
+  expected = _expected_version(dataset) or "*"
+  files = sorted(glob.glob(os.path.join(root, name, expected, f"*-{base}.tfrecord*")))
+  for path in files:
+    try:
+      for _ in tf.data.TFRecordDataset(path):
+        pass
+    except tf.errors.DataLossError:
+      return (f"Corrupt data file {path} (dataset {dataset!r}, split {split!r}): re-copy or "
+              "rebuild the dataset.")
+  message = getattr(error, "message", str(error)).strip().splitlines()[0][:300]
+  return f"Corrupt data in dataset {dataset!r} split {split!r} under {root}: {message}"
 
 
 def check_disjoint(train: Split, val: Split, train_name: str, val_name: str) -> None:
@@ -113,8 +169,8 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 def epoch_order(seed: int, epoch: jax.Array, num_examples: int) -> jax.Array:
   """Epoch `epoch`'s order of the training examples: a permutation, a pure function of
-  (seed, epoch). Jittable. For CIFAR's 50,000 examples it costs 21 ms on the 2-core VM (4% of
-  a Ti/4 step), so the train step takes it precomputed once per epoch."""
+  (seed, epoch). Jittable. Not cheap for 50,000 examples (docs/BENCHMARKS.md), so the train
+  step takes it precomputed once per epoch (EpochOrders)."""
   return jax.random.permutation(rng_streams.key(seed, rng_streams.EPOCH_ORDER, epoch),
                                 num_examples)
 
@@ -156,3 +212,27 @@ def to_float(images: jax.Array, image_size: int) -> jax.Array:
   if x.shape[1] != image_size or x.shape[2] != image_size:
     x = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]), "bilinear")
   return x
+
+
+class EpochOrders:
+  """Each epoch's example order (epoch_order), computed on the devices once per epoch.
+
+  Called with the host's step number and the state's step array before each train step: the
+  order is recomputed from the device array when the epoch changes, so nothing is copied from
+  the host and resuming mid-epoch rebuilds the same order.
+  """
+
+  def __init__(self, seed: int, num_examples: int, batch_size: int,
+               sharding: jax.sharding.Sharding):
+    self.per_epoch = steps_per_epoch(num_examples, batch_size)
+    self._compute = jax.jit(
+        lambda step: epoch_order(seed, step // self.per_epoch, num_examples),
+        out_shardings=sharding)
+    self._epoch: int | None = None
+    self._order: jax.Array | None = None
+
+  def __call__(self, step: int, step_array: jax.Array) -> jax.Array:
+    """The order for 0-based step `step` (== step_array, the state's step)."""
+    if step // self.per_epoch != self._epoch:
+      self._epoch, self._order = step // self.per_epoch, self._compute(step_array)
+    return self._order

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import re
+import struct
+import warnings
 from typing import Any, Sequence
 
 import flax
@@ -23,7 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from PIL import Image
 
-from mixer import checkpoints, config_lib, data, metrics, parallel, plots, train_lib
+from mixer import checkpoints, config_lib, data, evaluator, metrics, models, parallel, plots
 
 CLASS_NAMES_FILE = "class_names.json"
 ECE_BINS = 15
@@ -85,6 +87,38 @@ def resolve_step(ckpt: checkpoints.Checkpoints, workdir: str, checkpoint: str | 
   raise ValueError(f"checkpoint must be 'latest', 'best' or a step number, got {checkpoint!r}.")
 
 
+def _restore_target(ckpt: checkpoints.Checkpoints, step: int) -> Any:
+  """The step's own shapes and dtypes, replicated on this process's devices."""
+  item_dir = epath.Path(ckpt.directory) / str(step) / CHECKPOINT_ITEM
+  saved = ocp.StandardCheckpointHandler().metadata(item_dir).tree
+  sharding = parallel.replicated(parallel.make_mesh())
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved)
+
+
+def restore_checked(ckpt: checkpoints.Checkpoints, step: int, target_fn=None) -> Any:
+  """Restores `step` after checking it against its checksums; ValueError when it cannot.
+
+  A step whose files differ from the checksums written at save is refused ("damaged",
+  naming the file and the good steps); any other failure to read it (including
+  `target_fn(ckpt, step)`, which builds the restore target) is a ValueError naming the step
+  and the other steps, so that the entry scripts print one `error:` line.
+  """
+  try:
+    ckpt.verify(step)
+  except checkpoints.CorruptCheckpointError as e:
+    raise ValueError(f"{e}; good steps: {ckpt.good_steps(exclude=step)}.") from e
+  except OSError as e:
+    raise ValueError(f"The checkpoint at step {step} in {ckpt.directory} could not be checked "
+                     f"({type(e).__name__}: {str(e)[:500]}).") from e
+  try:
+    return ckpt.restore(step, target_fn(ckpt, step) if target_fn else None)
+  except Exception as e:  # pylint: disable=broad-except
+    others = [s for s in ckpt.all_steps() if s != step]
+    raise ValueError(f"The checkpoint at step {step} in {ckpt.directory} could not be read "
+                     f"({type(e).__name__}: {str(e)[:500]}); other saved steps: {others}."
+                     ) from e
+
+
 def num_classes_of(params: Any) -> int:
   """Width of the classification head (0 when the parameters have none)."""
   return int(params["head"]["bias"].shape[-1]) if "head" in params else 0
@@ -132,23 +166,12 @@ def restore_params(workdir: str, checkpoint: str | int = "latest", parameters: s
   ckpt = checkpoints.Checkpoints(workdir, read_only=True)
   try:
     step = resolve_step(ckpt, workdir, checkpoint)
-    item_dir = epath.Path(ckpt.directory) / str(step) / CHECKPOINT_ITEM
-    try:
-      saved = ocp.StandardCheckpointHandler().metadata(item_dir).tree
-      sharding = parallel.replicated(parallel.make_mesh())
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                            saved)
-      state = ckpt.restore(step, target)
-      params = state["ema_params" if use == "ema" else "params"]  # the optimizer state is dropped
-    except Exception as e:  # pylint: disable=broad-except
-      raise RuntimeError(
-          f"The checkpoint at step {step} in {ckpt.directory} could not be read "
-          f"({type(e).__name__}: {str(e)[:500]}); saved steps: "
-          f"{', '.join(map(str, ckpt.all_steps()))}.") from e
+    state = restore_checked(ckpt, step, _restore_target)
+    params = state["ema_params" if use == "ema" else "params"]  # the optimizer state is dropped
   finally:
     ckpt.close()
-  model = train_lib.build_model(config, num_classes_of(params))
-  expected = jax.eval_shape(lambda: train_lib.init_params(model, config.image_size, config.seed))
+  model = models.build_model(config, num_classes_of(params))
+  expected = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
   check_param_shapes(params, expected, f"The checkpoint at step {step} in {workdir}")
   return step, config, params
 
@@ -278,10 +301,10 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
                      f"checkpoint's head has {num_classes} outputs.")
   mesh = parallel.make_mesh()
   batch = _eval_batch_size(batch_size, config.eval_batch_size, len(eval_split), mesh)
-  model = train_lib.build_model(config, num_classes)
-  evaluator = train_lib.Evaluator(model, eval_split, config.image_size, batch, mesh,
-                                  flip=config.eval_flip)
-  result = evaluator(params, keep_logits=True)
+  model = models.build_model(config, num_classes)
+  score = evaluator.Evaluator(model, eval_split, config.image_size, batch, mesh,
+                              flip=config.eval_flip)
+  result = score(params, keep_logits=True)
   probs = softmax(result["logits"])
   predictions = probs.argmax(axis=-1)
   correct = predictions == eval_split.labels
@@ -330,17 +353,38 @@ class FilePrediction:
   error: str | None = None
 
 
+class ImageTooLarge(ValueError):
+  """More pixels than PIL's Image.MAX_IMAGE_PIXELS: possibly a decompression bomb."""
+
+
 def load_image(path: str, image_size: int) -> np.ndarray:
-  """uint8 (image_size, image_size, 3): RGB, resized (not cropped) with PIL."""
-  with Image.open(path) as image:
-    rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+  """uint8 (image_size, image_size, 3): RGB, resized (not cropped) with PIL.
+
+  Raises FileNotFoundError or IsADirectoryError for a bad path, ImageTooLarge for an image
+  of more than Image.MAX_IMAGE_PIXELS pixels (PIL only warns below twice that; refused here
+  before decoding anything), else OSError or ValueError for a file PIL cannot decode.
+  """
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      with Image.open(path) as image:
+        rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+  # Neither is an OSError: DecompressionBombError is an Exception, the warning a RuntimeWarning.
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise ImageTooLarge(f"too large to decode ({e})") from e
+  # What PIL's decoders raise besides OSError for a corrupt file.
+  except (SyntaxError, EOFError, IndexError, struct.error) as e:
+    raise ValueError(f"{type(e).__name__}: {e}") from e
   return np.asarray(rgb, np.uint8)
 
 
 def predict_files(workdir: str, paths: Sequence[str], checkpoint: str | int = "latest",
                   data_dir: str | None = None, top_k: int = 5
                   ) -> tuple[int, list[FilePrediction]]:
-  """(step, one FilePrediction per path); unreadable files get `error`, the rest are classified."""
+  """(step, one FilePrediction per path); unreadable files get `error`, the rest are classified.
+
+  A missing, undecodable or oversized file (see load_image) is that file's error only.
+  """
   step, config, params = restore_params(workdir, checkpoint)
   num_classes = num_classes_of(params)
   names = load_class_names(workdir, config, num_classes, data_dir)
@@ -353,11 +397,13 @@ def predict_files(workdir: str, paths: Sequence[str], checkpoint: str | int = "l
       results.append(FilePrediction(path, [], "no such file"))
     except IsADirectoryError:
       results.append(FilePrediction(path, [], "is a directory, not an image"))
+    except ImageTooLarge as e:
+      results.append(FilePrediction(path, [], str(e)))
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
       results.append(FilePrediction(path, [], f"not a readable image ({e})"))
   if images:
-    model = train_lib.build_model(config, num_classes)
-    logits = train_lib.predict_logits(model, params,
+    model = models.build_model(config, num_classes)
+    logits = evaluator.predict_logits(model, params,
                                       data.to_float(np.stack(images), config.image_size),
                                       flip=config.eval_flip)
     probs = softmax(jax.device_get(logits))

@@ -1,4 +1,4 @@
-"""Losses, accuracies and metric writers (clu: TensorBoard + logging, plus metrics.jsonl)."""
+"""Losses, accuracies, and the run's metrics.jsonl (read and trimmed; written by `writers`)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from clu import metric_writers
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -21,30 +20,6 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   """1.0 where the label is among the k highest logits, per example."""
   _, top = jax.lax.top_k(logits, k)
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-
-
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per write: {"step": ..., name: value, ...}."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self._file = open(path, "a", encoding="utf-8")
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    row = {"step": int(step)}
-    row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
-
-  def write_summaries(self, step, values, metadata=None): pass
-  def write_images(self, step, images): pass
-  def write_videos(self, step, videos): pass
-  def write_audios(self, step, audios, *, sample_rate): pass
-  def write_texts(self, step, texts): pass
-  def write_histograms(self, step, arrays, num_buckets=None): pass
-  def write_hparams(self, hparams): pass
-  def flush(self): self._file.flush()
-  def close(self): self._file.close()
 
 
 def truncate_jsonl(path: str, after_step: int) -> None:
@@ -60,11 +35,3 @@ def truncate_jsonl(path: str, after_step: int) -> None:
 def read_jsonl(path: str) -> list[dict[str, float]]:
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard events and logging via clu, plus `workdir/metrics.jsonl` (process 0 only)."""
-  if jax.process_index() > 0:
-    return metric_writers.create_default_writer(workdir, just_logging=True)
-  default = metric_writers.create_default_writer(workdir, asynchronous=False)
-  return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])

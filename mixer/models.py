@@ -12,9 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mixer import rng_streams
+
 # size -> (hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim)
 SIZES: dict[str, tuple[int, int, int, int]] = {
-    "Ti": (128, 8, 64, 512),  # ~1.1M params at 32px/4: trains on 2 CPU cores.
+    "Ti": (128, 8, 64, 512),  # ~1.1M params at 32px/4
     "XS": (256, 8, 128, 1024),  # ~4.3M params at 32px/4.
     "S": (512, 8, 256, 2048),
     "B": (768, 12, 384, 3072),
@@ -30,9 +32,8 @@ class TokenDense(nn.Module):
   Holds exactly nn.Dense's parameters (kernel (tokens, features), bias (features,)), so the
   tree matches the published checkpoints, but computes kernel.T @ x[b] for every example
   as one batched matmul: no activation transposes, and the weight gradient is a batch of
-  small matmuls instead of one with a 65,536-long contraction. On the 2-core CPU VM
-  (oneDNN dots) Mixer-S/4 token mixing, forward + backward, took 113 ms per block instead
-  of 151 ms with swapaxes + nn.Dense; Ti/4 and B/16 shapes took the same time either way.
+  small matmuls instead of one with a 65,536-long contraction. Faster on CPU than swapaxes +
+  nn.Dense for S/4 and no slower elsewhere (docs/BENCHMARKS.md).
   """
   features: int
   dtype: Any = jnp.float32
@@ -97,6 +98,11 @@ class MixerBlock(nn.Module):
     return x + drop_path(y, deterministic=not train)
 
 
+def drop_path_rates(stoch_depth: float, num_blocks: int) -> list[float]:
+  """Stochastic-depth rate of each block: 0 for the first, rising linearly to `stoch_depth`."""
+  return [stoch_depth * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+
+
 class MlpMixer(nn.Module):
   """Patch stem, Mixer blocks, pre-head LayerNorm, mean pooling, zero-init head.
 
@@ -128,8 +134,7 @@ class MlpMixer(nn.Module):
     x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding="VALID", name="stem", **kw)(
         images.astype(self.dtype))
     x = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, channels)
-    for i in range(self.num_blocks):
-      rate = self.stoch_depth * i / max(self.num_blocks - 1, 1)
+    for i, rate in enumerate(drop_path_rates(self.stoch_depth, self.num_blocks)):
       x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dropout,
                      name=f"MixerBlock_{i}", **kw)(x, train)
     x = nn.LayerNorm(epsilon=LN_EPSILON, name="pre_head_layer_norm", **kw)(x)
@@ -182,3 +187,18 @@ def count_params(model: nn.Module, image_size: int, channels: int = 3) -> int:
   images = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
   return sum(int(x.size) for x in jax.tree.leaves(shapes["params"]))
+
+
+def build_model(config: Any, num_classes: int) -> MlpMixer:
+  """The Mixer a training config's `model` section describes (dtype resolved for the backend)."""
+  m = config.model
+  dims = {k: m[k] for k in ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")}
+  dtype = resolve_dtype(m.dtype, jax.default_backend())
+  return create_model(m.variant, num_classes, stoch_depth=m.stoch_depth,
+                             dropout=m.dropout, dtype=dtype, **dims)
+
+
+def init_params(model: MlpMixer, image_size: int, seed: int) -> Any:
+  """The model's initial parameters, from the run's `INIT` random stream."""
+  key = rng_streams.key(seed, rng_streams.INIT)
+  return model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False)["params"]

@@ -1,18 +1,15 @@
 """Process set-up shared by the entry scripts: XLA:CPU kernels, memory allocator, quiet logs.
 
 JAX on CPU allocates and frees hundreds of MB per step; with glibc malloc much of a step
-goes to page faults. tcmalloc (Debian: libtcmalloc-minimal4) made a Mixer-Ti/4 train step
-1.5x faster on a 2-core CPU VM, so the entry scripts re-execute themselves with it preloaded
-when it is installed. Set MIXER_ALLOCATOR=system to opt out.
+goes to page faults, so the entry scripts re-execute themselves with tcmalloc (Debian:
+libtcmalloc-minimal4) preloaded when it is installed. Set MIXER_ALLOCATOR=system to opt out.
 
-XLA:CPU (jaxlib 0.10) hands dots to YNNPACK by default. On the same VM, oneDNN for every dot
-made the train step faster: Mixer-S/4 18.9 -> 22.7 img/s, Ti/4 204 -> 256, B/16 2.3 -> 2.4-2.5
-(float32 results, max relative error 1e-6 against float64). Part of the gain: YNNPACK left
-the weight-gradient dots with a transposed operand to Eigen, whose asynchronous work then
-competed for the two cores with the next YNNPACK dot. 'individual_dot' keeps each dot in its
-own oneDNN fusion: the 'dot' type also fuses chains of dots, and oneDNN failed to compile
-such a chain ("partition compile failed", process killed). Set MIXER_XLA_CPU=default to opt
-out; flags already in XLA_FLAGS win.
+XLA:CPU (jaxlib 0.10) hands dots to YNNPACK by default; oneDNN for every dot made the train
+step faster (float32 results, max relative error 1e-6 against float64). 'individual_dot'
+keeps each dot in its own oneDNN fusion: the 'dot' type also fuses chains of dots, and oneDNN
+failed to compile such a chain ("partition compile failed", process killed). Set
+MIXER_XLA_CPU=default to opt out; flags already in XLA_FLAGS win. What each of these gained,
+measured: docs/BENCHMARKS.md.
 
 Known XLA bug with these flags (jaxlib 0.10.2): freeing a compiled function while a call of
 it still runs aborts the process ("Check failed: available_.size() == num_created_" in
@@ -74,9 +71,18 @@ def xla_cpu_dots() -> str:
   return "onednn" if ONEDNN_DOT_FLAGS[1] in os.environ.get("XLA_FLAGS", "") else "default"
 
 
+def quiet_cpp_logs() -> None:
+  """Hides TensorFlow's C++ INFO banners unless --verbosity is given. TensorFlow only decodes
+  data here, so its oneDNN graph rewrites (whose banner ignores the log level) are off."""
+  if not verbosity_given():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
 def prepare_process() -> None:
-  """The entry scripts' first call: XLA:CPU flags, then the tcmalloc re-exec."""
+  """The entry scripts' first call: XLA:CPU flags, quiet C++ logs, then the tcmalloc re-exec."""
   configure_xla_cpu()
+  quiet_cpp_logs()
   reexec_with_tcmalloc()
 
 
@@ -91,10 +97,34 @@ def reexec_with_tcmalloc() -> None:
   os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
-def quiet_orbax_logs() -> None:
-  """Orbax logs every file it writes at INFO; keep its warnings only."""
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Orbax warns at every save without eval metrics although the best-step policy expects that.
+_NOISE = ("Requested `tracked_metric`",)
+
+
+def _ours(pathname: str) -> bool:
+  relative = os.path.relpath(pathname, ROOT)
+  return not relative.startswith((os.pardir, ".venv")) and "site-packages" not in pathname
+
+
+def _keep_record(record) -> bool:
+  if any(noise in str(record.msg) for noise in _NOISE):
+    return False
+  return record.levelno >= 30 or _ours(record.pathname)  # 30: logging.WARNING
+
+
+def verbosity_given(argv: list[str] | None = None) -> bool:
+  """Whether the command line sets absl's --verbosity (or -v): then every log line shows."""
+  argv = sys.argv if argv is None else argv
+  return any(a == "-v" or a.startswith(("--verbosity", "-v=")) for a in argv[1:])
+
+
+def quiet_logs() -> None:
+  """The console shows this codebase's INFO lines and everyone's warnings, unless
+  --verbosity is given: JAX's backend probe, TFDS's reader and Orbax's per-file INFO lines
+  (and their TensorFlow C++ banners, see prepare_process) are hidden."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  keep = lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
+  if verbosity_given():
+    return
   # absl's handler forwards records to its python handler without applying its own filters.
-  logging.get_absl_handler().python_handler.addFilter(keep)
+  logging.get_absl_handler().python_handler.addFilter(_keep_record)

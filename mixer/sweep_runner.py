@@ -6,10 +6,17 @@ command, the error (tail of its output) and the wall time over all attempts; its
 goes to DIR/<trial>/train.log. Running the same sweep again skips finished trials and runs
 the others again, which resume from their own checkpoints (train.py does that by itself).
 SIGTERM or Ctrl-C asks every running trial to save a checkpoint and stop ('stopped').
+
+No orphans: on Linux each train.py gets SIGTERM (save, then exit) when the sweep dies, even
+by SIGKILL (`start_child`). A trial left 'running' by a dead sweep is run again (resumed)
+unless its train.py still holds DIR/<trial>/lock.json (`running_elsewhere`): then it is
+skipped with status 'running', and the sweep does not count as done.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import ctypes.util
 import datetime
 import json
 import logging
@@ -20,11 +27,12 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from mixer import sweeps
+from mixer import sweeps, workdir_lock
 
 TRIAL_FILE = "trial.json"
 LOG_FILE = "train.log"
@@ -32,7 +40,8 @@ STATUSES = ("pending", "running", "finished", "failed", "stopped")
 STOPPED_MARK = "Stopped by SIGTERM"  # train_lib's log line when a run stopped early.
 ERROR_CHARS = 4000
 _ABSL_INFO_LINE = re.compile(r"^I\d{4} ")
-_EXCEPTION_LINE = re.compile(r"^([\w.]*(Error|Exception|Interrupt)\b|FATAL\b)")
+# An exception's last line, absl's FATAL, or a script's one-line `error: ...` (cli_errors).
+_EXCEPTION_LINE = re.compile(r"^([\w.]*(Error|Exception|Interrupt)\b|FATAL\b|error: )")
 
 
 def read_state(trial_dir: str) -> dict[str, Any] | None:
@@ -140,6 +149,62 @@ class _Stopper:
       self._procs.discard(proc)
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int | None = None) -> Callable[[], None] | None:
+  """A Popen `preexec_fn`: the child gets SIGTERM when its parent dies (Linux only).
+
+  The child asks the kernel for SIGTERM on its parent's death (prctl PR_SET_PDEATHSIG);
+  train.py answers SIGTERM by saving a checkpoint and exiting. If the parent (`parent_pid`,
+  default this process) died before the request took effect, the child ends itself at once.
+  The kernel sends the signal when the *thread* that started the child ends, so start it
+  from a thread that outlives it (run_trial waits for it in the same thread). Returns None
+  off Linux, or where libc has no prctl: there a child outlives a killed sweep, and the
+  next sweep finds it through its lock (`running_elsewhere`).
+  """
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+  except (OSError, AttributeError):
+    return None
+  prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                    ctypes.c_ulong]
+  parent = os.getpid() if parent_pid is None else parent_pid
+  sigterm, default = signal.SIGTERM, signal.SIG_DFL
+
+  def preexec() -> None:  # runs in the forked child before exec: no logging, no locks
+    # The sweep's own SIGTERM handler came along with the fork; a signal caught by it here
+    # would be lost at exec, so take the default action (die) until train.py sets its own.
+    signal.signal(sigterm, default)
+    prctl(_PR_SET_PDEATHSIG, int(sigterm), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl: no signal would come
+      os.kill(os.getpid(), sigterm)
+
+  return preexec
+
+
+def start_child(command: list[str], **popen_kwargs: Any) -> subprocess.Popen:
+  """subprocess.Popen(command, ...) in a session of its own that dies with this process.
+
+  A session of its own: Ctrl-C in the terminal reaches the sweep only, which then stops
+  its trials cleanly (_Stopper). `die_with_parent` ends the child if the sweep is killed.
+  """
+  return subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent(),
+                          **popen_kwargs)
+
+
+def running_elsewhere(trial_dir: str) -> dict[str, Any] | None:
+  """The lock of a train.py that still holds the trial's workdir, else None.
+
+  Such a trial was started by another sweep (alive, or killed while its train.py lives
+  on): starting a second writer would corrupt the run, so the sweep leaves it alone.
+  """
+  info = workdir_lock.read_lock(trial_dir)
+  return info if info is not None and workdir_lock.holder_alive(info) else None
+
+
 def _now() -> str:
   return datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -179,10 +244,8 @@ def run_trial(sweep: sweeps.Sweep, trial: sweeps.Trial, workdir: str,
     log.write(f"\n=== attempt {state['attempts']}, {state['started']}: {state['command']}\n")
     log.flush()
     offset = log.tell()
-    # A session of its own: Ctrl-C reaches the sweep only, which then stops trials cleanly.
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=sweeps.ROOT,
-                            env={**os.environ, **(env or {}), **(device_env or {})},
-                            start_new_session=True)
+    proc = start_child(command, stdout=log, stderr=subprocess.STDOUT, cwd=sweeps.ROOT,
+                       env={**os.environ, **(env or {}), **(device_env or {})})
     if stopper:
       stopper.add(proc)
     try:
@@ -204,7 +267,9 @@ def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
               env: Mapping[str, str] | None = None) -> dict[str, str]:
   """Runs every unfinished trial of `sweep` in DIR/<trial>/; returns {trial name: status}.
 
-  `env` is added to each trial's environment. Trials with a finished trial.json are skipped.
+  `env` is added to each trial's environment. Trials with a finished trial.json are skipped,
+  and so are those whose train.py still runs elsewhere (`running_elsewhere`): status
+  'running', their trial.json left to the sweep that started them.
   """
   if parallel < 1:
     raise ValueError(f"--parallel must be >= 1, got {parallel}.")
@@ -217,6 +282,12 @@ def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
     if is_finished(state):
       logging.info("Trial %s: finished before; skipped.", trial.name)
       statuses[trial.name] = "finished"
+      continue
+    holder = running_elsewhere(trial_dir)
+    if holder is not None:  # its trial.json belongs to the sweep that started it
+      logging.warning("Trial %s: still running elsewhere (%s); skipped.", trial.name,
+                      workdir_lock.describe(holder))
+      statuses[trial.name] = "running"
       continue
     os.makedirs(trial_dir, exist_ok=True)
     state = state or {"name": trial.name, "overrides": trial.overrides, "attempts": 0,
@@ -236,6 +307,11 @@ def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
     try:
       if stopper.requested:
         return {"status": "pending"}
+      holder = running_elsewhere(os.path.join(workdir, trial.name))
+      if holder is not None:  # started by another sweep while this one waited for a slot
+        logging.warning("Trial %s: started elsewhere meanwhile (%s); skipped.", trial.name,
+                        workdir_lock.describe(holder))
+        return {"status": "running"}
       logging.info("Trial %s: starting (%s).", trial.name, device_env or "cpu")
       state = run_trial(sweep, trial, workdir, device_env, env, stopper)
       logging.info("Trial %s: %s (%.0fs over %d attempt(s)).", trial.name, state["status"],
@@ -263,6 +339,10 @@ def report_line(workdir: str, statuses: Mapping[str, str]) -> str:
   for name in failed:
     state = read_state(os.path.join(workdir, name)) or {}
     line += f"\n  failed: {name}: {state.get('error_line')}"
+  for name in [name for name, s in statuses.items() if s == "running"]:
+    holder = running_elsewhere(os.path.join(workdir, name))
+    where = workdir_lock.describe(holder) if holder else "it has ended since"
+    line += f"\n  running elsewhere: {name}: {where}"
   if any(s != "finished" for s in statuses.values()):
     line += "\nRun the same command again to resume; finished trials are skipped."
   return line

@@ -29,12 +29,12 @@ def _params_from_config(trial_dir: str) -> int | None:
   if not all(os.path.exists(p) for p in paths):
     return None
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from mixer import models, train_lib  # pylint: disable=g-import-not-at-top
+  from mixer import models  # pylint: disable=g-import-not-at-top
   with open(paths[0], encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
   with open(paths[1], encoding="utf-8") as f:
     num_classes = len(json.load(f)["label"])
-  return models.count_params(train_lib.build_model(config, num_classes), config.image_size)
+  return models.count_params(models.build_model(config, num_classes), config.image_size)
 
 
 def trial_params(trial_dir: str) -> int | None:

@@ -31,9 +31,9 @@ def test_batch_indices_are_a_pure_function_of_seed_and_step():
 
 
 def test_epoch_orders_are_computed_once_per_epoch_and_match_batch_indices():
-  from mixer import parallel, train_lib  # pylint: disable=g-import-not-at-top
+  from mixer import parallel  # pylint: disable=g-import-not-at-top
   n, b = 100, 32
-  orders = train_lib.EpochOrders(7, n, b, parallel.make_mesh())
+  orders = data.EpochOrders(7, n, b, parallel.replicated(parallel.make_mesh()))
   first = orders(0, jnp.int32(0))
   assert orders(2, jnp.int32(2)) is first, "the same epoch reuses its order"
   for step in range(7):

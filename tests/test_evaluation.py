@@ -4,8 +4,10 @@ import logging
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -195,6 +197,40 @@ def test_predict_classifies_images_and_reports_bad_files(run, tmp_path):
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-9
 
 
+def png_declaring(path, width, height):
+  """A PNG whose header declares width x height (no pixel data: opening it reads the header)."""
+  def chunk(kind, body):
+    return (struct.pack(">I", len(body)) + kind + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+  return str(path)
+
+
+def test_predict_oversized_or_corrupt_image_is_that_files_error_only(run, tmp_path,
+                                                                        monkeypatch):
+  good = write_test_files(tmp_path)[2]  # 16x16 = 256 pixels
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+  rng = np.random.default_rng(1)
+  warned, refused = str(tmp_path / "1600px.png"), str(tmp_path / "4096px.png")
+  Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).save(warned)  # PIL warns
+  Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(refused)  # PIL raises
+  truncated = str(tmp_path / "truncated.png")  # 900 pixels, under the limit, cut short
+  Image.fromarray(rng.integers(0, 256, (30, 30, 3), np.uint8)).save(truncated)
+  with open(truncated, "rb") as f:
+    head = f.read()[:1000]
+  with open(truncated, "wb") as f:
+    f.write(head)
+  _, results = evaluation.predict_files(run, [warned, good, refused, truncated])
+  assert [r.error is None for r in results] == [False, True, False, False]
+  assert results[0].error.startswith("too large to decode (Image size (1600 pixels) exceeds")
+  assert results[2].error.startswith("too large to decode (Image size (4096 pixels) exceeds")
+  assert results[3].error.startswith("not a readable image (")
+  assert len(results[1].top) == 5
+
+
 def test_predict_without_class_names_falls_back_with_a_warning(run, tmp_path, caplog):
   workdir = copy_run(run, tmp_path)
   os.remove(os.path.join(workdir, "class_names.json"))
@@ -211,18 +247,42 @@ def test_predict_without_class_names_falls_back_with_a_warning(run, tmp_path, ca
 
 
 def test_predict_script_exit_status_and_output(run, tmp_path):
-  files = write_test_files(tmp_path)
+  # 30000 x 30000 pixels, over twice PIL's default MAX_IMAGE_PIXELS: refused unread.
+  files = write_test_files(tmp_path) + [png_declaring(tmp_path / "bomb.png", 30000, 30000)]
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), f"--workdir={run}",
                          *files], capture_output=True, text=True, timeout=120, cwd=ROOT,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert f"{files[1]}: error: not a readable image" in proc.stderr
+  assert f"{files[3]}: error: too large to decode (Image size (900000000 pixels)" in proc.stderr
   lines = proc.stdout.splitlines()
   for image in (files[0], files[2]):
     start = lines.index(image)
     assert all(re.fullmatch(r"\s+\d+\.\d\d%  \w+", line) for line in lines[start + 1:start + 6])
   assert len(lines) == 1 + 2 * 6
 
+
+
+def test_unreadable_checkpoint_is_one_error_line_unless_debugging(run, tmp_path):
+  workdir = copy_run(run, tmp_path)
+  item = os.path.join(workdir, "checkpoints", "6", evaluation.CHECKPOINT_ITEM)
+  for name in os.listdir(item):  # the arrays are gone, the step directory is still there
+    path = os.path.join(item, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  command = [sys.executable, os.path.join(ROOT, "export.py"), f"--workdir={workdir}",
+             f"--out={tmp_path / 'out.npz'}"]
+  env = {k: v for k, v in os.environ.items() if k != "MIXER_DEBUG"}
+  proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                        env=dict(env, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"error: The checkpoint at step 6 in {workdir}")
+  assert not os.path.exists(tmp_path / "out.npz")
+  proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                        env=dict(env, JAX_PLATFORMS="cpu", MIXER_DEBUG="1"))
+  assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+  assert "ValueError: The checkpoint at step 6" in proc.stderr
 
 
 def test_export_script_writes_the_published_layout(run, tmp_path):

@@ -1,5 +1,6 @@
 """The Mixer model: published parameter counts and tree, shapes, dtypes, options, errors."""
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,18 +91,35 @@ def test_stochastic_depth_identity_at_eval_random_in_training():
 
 
 def test_stochastic_depth_rate_rises_linearly_from_zero():
-  """Block 0 is never dropped (rate 0); the last block has the full rate."""
-  x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
-  def outputs(num_blocks):
-    model = mixer.create_model("Ti/4", 0, hidden_dim=16, num_blocks=num_blocks,
-                               stoch_depth=0.9)
-    params = model.init(jax.random.key(0), x)["params"]
-    train = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)})
-    return np.asarray(train), np.asarray(model.apply({"params": params}, x))
-  train, evaluation = outputs(1)
-  np.testing.assert_allclose(train, evaluation, rtol=1e-6, atol=1e-6)
-  train, evaluation = outputs(2)
-  assert not np.allclose(train, evaluation)
+  """Block i gets rate stoch_depth * i / (blocks - 1), as the model wires it."""
+  np.testing.assert_allclose(mixer.models.drop_path_rates(0.4, 5), [0.0, 0.1, 0.2, 0.3, 0.4])
+  assert mixer.models.drop_path_rates(0.3, 1) == [0.0]
+  model = mixer.create_model("Ti/4", 0, hidden_dim=16, num_blocks=5, stoch_depth=0.4)
+  x = jnp.zeros((2, 8, 8, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  seen = {}
+
+  def record(next_fn, args, kwargs, context):
+    if isinstance(context.module, mixer.models.MixerBlock) and context.method_name == "__call__":
+      seen[context.module.name] = context.module.drop_path
+    return next_fn(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+  np.testing.assert_allclose([seen[f"MixerBlock_{i}"] for i in range(5)],
+                             [0.0, 0.1, 0.2, 0.3, 0.4])
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_a_blocks_drop_path_skips_that_fraction_of_examples(rate):
+  """A dropped example leaves the block unchanged (both residual branches skipped)."""
+  block = mixer.models.MixerBlock(8, 16, drop_path=rate)
+  x = jax.random.normal(jax.random.key(0), (4000, 4, 8))
+  params = block.init(jax.random.key(1), x, train=False)["params"]
+  y = block.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
+  unchanged = np.all(np.isclose(np.asarray(y), np.asarray(x)), axis=(1, 2))
+  # Each branch is dropped independently: an example is left unchanged with probability r^2.
+  assert abs(unchanged.mean() - rate ** 2) < 0.03
 
 
 def test_indivisible_image_size_is_a_clear_error():

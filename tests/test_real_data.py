@@ -28,9 +28,9 @@ def test_small_mixer_learns_real_cifar100(tmp_path):
                "total_steps": 300, "learning_rate": 3e-3, "warmup_epochs": 0.1,
                "log_every_steps": 100, "eval_every_steps": 300, "checkpoint_every_steps": 300}
   result = train_lib.train_and_evaluate(tiny_config(data_dir=DATA_DIR, **overrides), str(tmp_path))
-  assert result["eval/num_examples"] == 10000  # 384 does not divide 10000: padding + mask
-  print(f"Ti/8, 300 steps: test top-1 {result['eval/top1']:.4f} (threshold {THRESHOLD})")
-  assert result["eval/top1"] > THRESHOLD, result
+  assert result.metrics["eval/num_examples"] == 10000  # 384 does not divide 10000: padding + mask
+  print(f"Ti/8, 300 steps: test top-1 {result.metrics['eval/top1']:.4f} (threshold {THRESHOLD})")
+  assert result.metrics["eval/top1"] > THRESHOLD, result
   rows = read_metrics(str(tmp_path))
   assert rows[-1]["step"] == 300
 

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import (MOCK_EXAMPLES, ROOT, metric_at, read_metrics, sliced_mock_cifar,
                       tiny_config)
-from mixer import (checkpoints, data, evaluation, optim, parallel, rng_streams, sweep_summary,
-                   train_lib)
+from mixer import (checkpoints, data, evaluation, evaluator, models, optim, parallel, rng_streams,
+                   sweep_summary, train_lib, train_step)
 
 RECIPE = {"randaugment_ops": 2, "randaugment_magnitude": 9, "random_erasing": 0.5,
           "ema_decay": 0.9, "eval_flip": True, "train_split": "train[:75%]",
@@ -43,7 +43,7 @@ def test_recipe_run_writes_val_and_test_metrics(recipe_run):
   for step in (6, 12):
     assert metric_at(rows, "val/num_examples", step) == MOCK_EXAMPLES // 4
     assert metric_at(rows, "eval/num_examples", step) == MOCK_EXAMPLES
-  assert result["eval/num_examples"] == MOCK_EXAMPLES and "val/top1" in result
+  assert result.metrics["eval/num_examples"] == MOCK_EXAMPLES and "val/top1" in result.metrics
 
 
 def test_best_checkpoint_is_chosen_by_val_top1(recipe_run):
@@ -76,15 +76,15 @@ def test_ema_params_are_in_the_checkpoint_and_differ_from_params(recipe_run):
 def test_ema_update_math(mock_cifar):
   config = tiny_config(**{**RECIPE, "train_split": "train"})
   split = data.load_split(config.dataset, config.train_split)
-  model = train_lib.build_model(config, split.num_classes)
+  model = models.build_model(config, split.num_classes)
   mesh = parallel.make_mesh()
   tx = optax.sgd(0.1)
-  params = train_lib.init_params(model, config.image_size, config.seed)
+  params = models.init_params(model, config.image_size, config.seed)
   ema0 = jax.tree.map(lambda p: p + 1.0, params)  # an EMA that differs from the params
-  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params), ema_params=ema0)
   order = data.epoch_order(config.seed, 0, len(split))
-  step = jax.jit(train_lib.make_train_step(model, tx, config, split.num_classes, mesh))
+  step = jax.jit(train_step.make_train_step(model, tx, config, split.num_classes, mesh))
   new, _ = step(state, split.images, split.labels, order)
   for key, value in flat(new.ema_params).items():
     expected = 0.9 * flat(ema0)[key] + 0.1 * flat(new.params)[key]
@@ -114,18 +114,18 @@ def test_evaluation_uses_ema_params_and_flip_like_training(recipe_run, mock_cifa
     np.testing.assert_array_equal(value, flat(state["ema_params"])[key])
   report = evaluation.evaluate_checkpoint(workdir, 12, "test")
   assert report["parameters"] == "ema" and report["eval_flip"]
-  np.testing.assert_allclose(report["top1"], result["eval/top1"], atol=1e-6)
+  np.testing.assert_allclose(report["top1"], result.metrics["eval/top1"], atol=1e-6)
 
 
 def test_flip_tta_is_the_mean_of_both_views(mock_cifar):
   config = tiny_config()
   split = data.load_split(config.dataset, "test")
-  model = train_lib.build_model(config, split.num_classes)
-  params = train_lib.init_params(model, config.image_size, 1)
+  model = models.build_model(config, split.num_classes)
+  params = models.init_params(model, config.image_size, 1)
   params = jax.tree.map(lambda p: p + 0.01 * jnp.arange(p.size).reshape(p.shape) % 0.3, params)
-  evaluator = train_lib.Evaluator(model, split, config.image_size, 48, parallel.make_mesh(),
-                                  flip=True)
-  got = evaluator(params, keep_logits=True)["logits"]
+  score = evaluator.Evaluator(model, split, config.image_size, 48, parallel.make_mesh(),
+                              flip=True)
+  got = score(params, keep_logits=True)["logits"]
   x = np.asarray(split.images, np.float32) / 127.5 - 1.0
   plain = model.apply({"params": params}, x, train=False)
   mirror = model.apply({"params": params}, x[:, :, ::-1, :], train=False)

@@ -9,14 +9,17 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import types
 
 import pytest
 
 from conftest import ROOT, TINY, tiny_config
-from mixer import count_params, sweep_runner, sweep_summary, sweeps, train_lib
+from mixer import count_params, models, sweep_runner, sweep_summary, sweeps
 
 CONFIG = os.path.join(ROOT, "configs", "cifar100_ti.py:smoke")
 MOCK_TRAIN = os.path.join(ROOT, "tests", "mock_train.py")
@@ -29,6 +32,9 @@ BASE = {**TINY, "total_steps": 4, "log_every_steps": 2, "eval_every_steps": 2,
 TRIALS = [{"learning_rate": 1e-3}, {"learning_rate": 4e-3},
           {"learning_rate": 1e-3, "dataset": "no_such_dataset"}]  # valid, fails when run
 FAILING = "dataset=no_such_dataset,learning_rate=0.001"
+# Trials start with a preexec_fn, so Python forks; JAX warns when it runs threads in the
+# forking process. It does in this test process, not in sweep.py (tested below).
+pytestmark = pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
 
 
 def run_sweep_cli(*args, timeout=120):
@@ -165,7 +171,7 @@ def test_params_counted_from_config_without_a_log(tmp_path):
     f.write(config.to_json_best_effort())
   with open(tmp_path / "class_names.json", "w", encoding="utf-8") as f:
     json.dump({"label": [str(i) for i in range(10)]}, f)
-  expected = count_params(train_lib.build_model(config, 10), config.image_size)
+  expected = count_params(models.build_model(config, 10), config.image_size)
   assert sweep_summary.trial_params(str(tmp_path)) == expected
 
 
@@ -247,9 +253,10 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(ran):
   failed = ran.first_states[FAILING]
   assert failed["status"] == "failed" and failed["returncode"] != 0
   assert "no_such_dataset" in failed["error"] and len(failed["error"]) <= 4000
-  assert failed["error_line"].startswith("mixer.data.DatasetNotFoundError")
+  # train.py ends a user error with one `error:` line (mixer.cli_errors), no traceback.
+  assert failed["error_line"].startswith("error: Unknown dataset 'no_such_dataset'")
   line = sweep_runner.report_line(ran.workdir, ran.first)
-  assert "3 trials: 2 finished, 1 failed." in line and f"failed: {FAILING}: mixer.data" in line
+  assert "3 trials: 2 finished, 1 failed." in line and f"failed: {FAILING}: error: Unknown dataset" in line
 
 
 def test_rerun_skips_finished_trials(ran):
@@ -278,7 +285,7 @@ def test_summary_rows_sorted_by_best_top1_with_all_columns(ran):
   assert [r["trial"] for r in rows][-1] == FAILING
   best = [r["best_top1"] for r in rows[:2]]
   assert best == sorted(best, reverse=True) and all(0 <= b <= 1 for b in best)
-  expected_params = count_params(train_lib.build_model(tiny_config(), 100), 32)
+  expected_params = count_params(models.build_model(tiny_config(), 100), 32)
   for row in rows[:2]:
     assert row["status"] == "finished" and row["final_step"] == 4
     assert row["best_top1"] >= row["final_top1"] and 0 <= row["final_top5"] <= 1
@@ -291,11 +298,11 @@ def test_summary_rows_sorted_by_best_top1_with_all_columns(ran):
   assert list(table[0]) == ["trial", "learning_rate", "dataset", *sweep_summary.METRIC_COLUMNS,
                             "error"]
   assert [r["trial"] for r in table] == [r["trial"] for r in rows]
-  assert table[2]["best_top1"] == "" and "DatasetNotFoundError" in table[2]["error"]
+  assert table[2]["best_top1"] == "" and "Unknown dataset" in table[2]["error"]
   markdown = read_text(os.path.join(ran.workdir, "summary.md"))
   assert "3 trials: 2 finished, 1 failed" in markdown
   assert "| trial | learning_rate | dataset | status |" in markdown
-  assert f"| {rows[0]['trial']} | " in markdown and "DatasetNotFoundError" in markdown
+  assert f"| {rows[0]['trial']} | " in markdown and "Unknown dataset" in markdown
   assert os.path.getsize(os.path.join(ran.workdir, "summary.png")) > 10_000
 
 
@@ -307,3 +314,142 @@ def test_summarize_from_the_command_line_needs_only_the_workdir(ran):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert read_text(os.path.join(ran.workdir, "summary.csv")) == csv_before
   assert os.path.exists(os.path.join(ran.workdir, "summary.png"))
+
+
+# ---------------------------------------------------------------------------------------
+# No orphans, and no second writer: trials die with the sweep; a live trial is left alone.
+
+PARENT = """
+import signal, subprocess, sys, threading, time
+sys.path.insert(0, {root!r})
+from mixer import sweep_runner
+signal.signal(signal.SIGTERM, lambda *_: None)  # as _Stopper: the child must not inherit it
+
+def run():  # as run_sweep: a worker thread starts the trial and waits for it
+  child = sweep_runner.start_child([sys.executable, "-c", "import time; time.sleep(120)"])
+  print(child.pid, flush=True)
+  child.wait()
+
+threading.Thread(target=run).start()
+time.sleep(120)
+"""
+
+
+def alive(pid):
+  """Running (a zombie nobody reaped yet counts as dead)."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+def dead_pid():
+  proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  return int(proc.stdout)
+
+
+def write_lock(trial_dir, **info):
+  os.makedirs(trial_dir, exist_ok=True)
+  info = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": "2026-12-01 10:00:00",
+          "heartbeat": time.time(), **info}
+  with open(os.path.join(trial_dir, "lock.json"), "w", encoding="utf-8") as f:
+    json.dump(info, f)
+  return info
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="PR_SET_PDEATHSIG is Linux's")
+
+
+@linux_only
+def test_trial_process_dies_when_the_sweep_is_killed(tmp_path):
+  script = tmp_path / "parent.py"
+  script.write_text(PARENT.format(root=ROOT))
+  parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+  child = None
+  try:
+    child = int(parent.stdout.readline())
+    assert alive(child) and os.getsid(child) == child  # its own session: Ctrl-C spares it
+    parent.kill()  # SIGKILL: no handler of the sweep runs
+    parent.wait(timeout=10)
+    deadline = time.time() + 10
+    while alive(child) and time.time() < deadline:
+      time.sleep(0.05)
+    assert not alive(child), "the trial outlived its SIGKILLed sweep"
+  finally:
+    parent.kill()
+    if child and alive(child):
+      os.kill(child, signal.SIGKILL)
+
+
+@linux_only
+def test_trial_whose_sweep_died_before_it_started_ends_itself():
+  # The parent "died" (another pid is its parent) before prctl took effect: no signal would
+  # ever come, so the child ends itself at once instead of running on as an orphan, even
+  # though it inherited a SIGTERM handler (the sweep's _Stopper) that would swallow it.
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)
+  try:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            preexec_fn=sweep_runner.die_with_parent(parent_pid=dead_pid()))
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  try:
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+  finally:
+    proc.kill()
+
+
+def test_running_elsewhere_only_while_the_locks_holder_lives(tmp_path):
+  trial_dir = str(tmp_path / "trial")
+  assert sweep_runner.running_elsewhere(trial_dir) is None  # never started
+  live = write_lock(trial_dir)
+  assert sweep_runner.running_elsewhere(trial_dir) == live
+  write_lock(trial_dir, pid=dead_pid())
+  assert sweep_runner.running_elsewhere(trial_dir) is None
+  other_host = write_lock(trial_dir, host="elsewhere.invalid", pid=dead_pid())
+  assert sweep_runner.running_elsewhere(trial_dir) == other_host  # fresh heartbeat
+  write_lock(trial_dir, host="elsewhere.invalid", heartbeat=time.time() - 3600)
+  assert sweep_runner.running_elsewhere(trial_dir) is None
+
+
+FAKE_TRAIN = """
+import os, sys
+workdir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+with open(os.path.join(workdir, "ran.txt"), "a") as f:
+  f.write("ran\\n")
+"""
+
+
+def test_rerun_leaves_a_live_trial_alone_and_resumes_a_dead_one(tmp_path):
+  workdir = str(tmp_path / "sweep")
+  script = tmp_path / "fake_train.py"
+  script.write_text(FAKE_TRAIN)
+  sweep = sweeps.make_sweep(CONFIG, [{"seed": 1}, {"seed": 2}], train_script=str(script))
+  live, dead = (os.path.join(workdir, t.name) for t in sweep.trials)
+  left_running = {"status": "running", "attempts": 1, "wall_time_s": 5.0}
+  for trial_dir, pid in ((live, os.getpid()), (dead, dead_pid())):
+    write_lock(trial_dir, pid=pid)
+    with open(os.path.join(trial_dir, sweep_runner.TRIAL_FILE), "w", encoding="utf-8") as f:
+      json.dump(dict(left_running, name=os.path.basename(trial_dir)), f)
+
+  statuses = sweep_runner.run_sweep(sweep, workdir, env=ENV)
+  assert statuses == {"seed=1": "running", "seed=2": "finished"}
+  assert not os.path.exists(os.path.join(live, "ran.txt"))  # no second writer started
+  assert state(workdir, "seed=1") == dict(left_running, name="seed=1")  # not ours to touch
+  assert read_text(os.path.join(dead, "ran.txt")) == "ran\n"
+  assert state(workdir, "seed=2")["attempts"] == 2
+  line = sweep_runner.report_line(workdir, statuses)
+  assert "2 trials: 1 running, 1 finished." in line
+  assert f"running elsewhere: seed=1: pid {os.getpid()} on {socket.gethostname()}" in line
+
+  proc = run_sweep_cli(f"--config={CONFIG}", f"--workdir={workdir}", "--sweep=seed=[1,2,3]",
+                       f"--train_script={script}")
+  assert proc.returncode == 1, proc.stderr[-3000:]  # not done while a trial still runs
+  assert "Trial seed=1: still running elsewhere (pid" in proc.stderr
+  assert "3 trials: 1 running, 2 finished." in proc.stdout
+  assert read_text(os.path.join(workdir, "seed=3", "ran.txt")) == "ran\n"
+  # sweep.py starts its trials before JAX runs any thread (forking then would risk a deadlock;
+  # JAX warns). This test process does run JAX: the warning is filtered here (pytestmark).
+  assert "os.fork() was called" not in proc.stderr

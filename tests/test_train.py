@@ -54,7 +54,7 @@ def test_trains_and_writes_metrics_checkpoints_config(baseline):
       metric_at(rows, name, step)
     # 128 examples in batches of 48: the padded last batch still counts each example once.
     assert metric_at(rows, "eval/num_examples", step) == MOCK_EXAMPLES
-  assert result["eval/num_examples"] == MOCK_EXAMPLES and result["step"] == 12
+  assert result.metrics["eval/num_examples"] == MOCK_EXAMPLES and result.step == 12
   assert metric_at(rows, "train/loss", 3) < np.log(100) + 0.5
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
   assert os.path.exists(os.path.join(workdir, "config.json"))
@@ -65,7 +65,7 @@ def test_finished_run_started_again_does_nothing(baseline, mock_cifar, caplog):
   workdir, _, params = baseline
   before = read_metrics(workdir)
   result = train_lib.train_and_evaluate(tiny_config(), workdir)
-  assert result["already_finished"] and result["step"] == 12
+  assert result.status == "already_finished" and result.step == 12
   assert read_metrics(workdir) == before
   assert_params_equal(final_params(workdir)[1], params)
 
@@ -173,8 +173,9 @@ def test_grad_accumulation_matches_full_batch(mock_cifar, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(mock_cifar, tmp_path):
   workdir = str(tmp_path / "nan")
   train_lib.train_and_evaluate(tiny_config(total_steps=6), workdir)
-  with pytest.raises(FloatingPointError, match=r"between steps 7 and 9.*step 6"):
-    train_lib.train_and_evaluate(tiny_config(learning_rate=1e30), workdir)
+  with pytest.raises(FloatingPointError, match=r"between steps 7 and 9.*\(step 6\) is kept"):
+    train_lib.train_and_evaluate(tiny_config(learning_rate=1e30), workdir,
+                                 allow_config_change=("learning_rate", "total_steps"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
 
 
@@ -195,7 +196,8 @@ def test_checkpoint_of_another_config_is_an_error_and_kept(baseline, mock_cifar,
   workdir = str(tmp_path / "run")
   shutil.copytree(baseline[0], workdir)
   with pytest.raises(RuntimeError, match="No checkpoint .* could be restored.*new --workdir"):
-    train_lib.train_and_evaluate(tiny_config(**{"model.hidden_dim": 48}), workdir)
+    train_lib.train_and_evaluate(tiny_config(**{"model.hidden_dim": 48}), workdir,
+                                 allow_config_change=("model.hidden_dim",))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
 
 
@@ -231,7 +233,8 @@ def test_init_from_published_layout_npz(baseline, mock_cifar, tmp_path):
                        eval_every_steps=1, warmup_epochs=0.0)
   result = train_lib.train_and_evaluate(config, str(tmp_path / "ft"))
   source = read_metrics(baseline[0])
-  np.testing.assert_allclose(result["eval/loss"], metric_at(source, "eval/loss", 12), rtol=1e-5)
+  np.testing.assert_allclose(result.metrics["eval/loss"], metric_at(source, "eval/loss", 12),
+                             rtol=1e-5)
   with pytest.raises(ValueError, match="config.init_from=.*does not fit"):
     train_lib.train_and_evaluate(tiny_config(init_from=npz, **{"model.hidden_dim": 48}),
                                  str(tmp_path / "bad"))

@@ -1,0 +1,114 @@
+"""A workdir keeps the config that produced it: resuming with a different one is refused.
+
+`WORKDIR/config.json` is the run's current config; `WORKDIR/config_history.jsonl` holds
+every version it has had (the first line is the config the run started with), so an accepted
+change never erases the record of what produced the earlier steps.
+
+Keys that only say how a run is operated (OPERATIONAL_KEYS: where the data is, how often to
+log, evaluate and save, the eval batch size) may change on any resume. Any other difference
+is refused, naming the keys, unless the user names them on purpose
+(`train.py --allow_config_change=total_steps,num_epochs`). Keys added to the code after the
+run started compare at their defaults: a new feature that is off by default leaves old runs
+resumable.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+from mixer import config_lib
+
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "config_history.jsonl"
+OPERATIONAL_KEYS = frozenset({"data_dir", "log_every_steps", "eval_every_steps",
+                              "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size"})
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'model': {'variant': 'S/4'}} -> {'model.variant': 'S/4'}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (saved value, current value)} for every key whose value differs.
+
+  A key the saved config lacks (added to the code since) is compared at its default; a key
+  the code no longer has is ignored.
+  """
+  defaults = flatten(as_json(config_lib.base_config()))
+  old, new = flatten(saved), flatten(current)
+  return {key: (old.get(key, defaults.get(key)), value) for key, value in new.items()
+          if old.get(key, defaults.get(key)) != value}
+
+
+def _format(changes: dict[str, tuple[Any, Any]]) -> str:
+  return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items()))
+
+
+def check(config: ml_collections.ConfigDict, workdir: str,
+          allowed: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
+  """Raises ValueError when `workdir` holds a run whose run-defining config differs.
+
+  Returns the accepted changes (operational or `allowed` keys); {} for a new workdir.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is unreadable ({e}); it records the config of the run in "
+                     f"{workdir}. Restore it, or use a new --workdir.") from None
+  changes = differences(saved, as_json(config))
+  allowed = set(allowed)
+  refused = {k: v for k, v in changes.items() if k not in OPERATIONAL_KEYS and k not in allowed}
+  if refused:
+    names = ",".join(sorted(refused))
+    raise ValueError(
+        f"{workdir} holds a run with a different config ({_format(refused)}). Use a new "
+        f"--workdir, or resume with --allow_config_change={names} to change it on purpose "
+        f"(recorded in {HISTORY_FILE}).")
+  if changes:
+    logging.info("Config changes accepted on resume: %s.", _format(changes))
+  return changes
+
+
+def record(config: ml_collections.ConfigDict, workdir: str, step: int,
+           changes: dict[str, tuple[Any, Any]]) -> None:
+  """Writes config.json and appends to the history when the run starts or its config changed."""
+  history = os.path.join(workdir, HISTORY_FILE)
+  current = as_json(config)
+  if os.path.exists(history) and not changes:
+    return
+  entry = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "step": step,
+           "changes": {k: {"from": a, "to": b} for k, (a, b) in sorted(changes.items())},
+           "config": current}
+  if not os.path.exists(history):
+    old = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(old) and changes:  # a run from before the history existed
+      with open(old, encoding="utf-8") as f:
+        first = {"time": None, "step": None, "changes": {}, "config": json.load(f)}
+      with open(history, "a", encoding="utf-8") as f:
+        f.write(json.dumps(first, sort_keys=True) + "\n")
+  with open(history, "a", encoding="utf-8") as f:
+    f.write(json.dumps(entry, sort_keys=True) + "\n")
+  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(current, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))

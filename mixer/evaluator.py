@@ -1,0 +1,74 @@
+"""Scoring a whole split: each example exactly once, in padded batches, on every device.
+
+Imports neither clu, ml_collections nor TensorFlow.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixer import data, metrics, models, parallel
+
+
+def predict_logits(model: models.MlpMixer, params: Any, images: jax.Array,
+                   flip: bool = False) -> jax.Array:
+  """float32 logits of float images; with `flip`, the mean of the image's and its mirror's."""
+  logits = model.apply({"params": params}, images, train=False).astype(jnp.float32)
+  if flip:
+    mirrored = model.apply({"params": params}, images[:, :, ::-1, :], train=False)
+    logits = (logits + mirrored.astype(jnp.float32)) / 2
+  return logits
+
+
+def make_eval_step(model: models.MlpMixer, image_size: int, batch_size: int,
+                   mesh: jax.sharding.Mesh, flip: bool = False) -> Callable:
+  """(params, images, labels, mask, index) -> logits and masked sums of loss/top1/top5/count."""
+  def eval_step(params, all_images, all_labels, all_mask, index):
+    shard = lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))
+    images, labels, mask = map(shard, data.eval_batch(all_images, all_labels, all_mask, index,
+                                                      batch_size))
+    logits = predict_logits(model, params, data.to_float(images, image_size), flip)
+    loss = metrics.cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
+    top5 = metrics.topk_correct(logits, labels, min(5, logits.shape[-1]))
+    sums = jnp.stack([jnp.sum(loss * mask), jnp.sum(metrics.topk_correct(logits, labels, 1) * mask),
+                      jnp.sum(top5 * mask), jnp.sum(mask)])
+    return logits, sums
+  return eval_step
+
+
+class Evaluator:
+  """Evaluates params on a whole split, each example exactly once (padded batches + mask).
+
+  The batch size is rounded up to a multiple of the device count. Metrics are named
+  `{prefix}/loss`, `{prefix}/top1`, ...; `flip` averages each image's and its mirror's logits.
+  """
+
+  def __init__(self, model: models.MlpMixer, split: data.Split, image_size: int, batch_size: int,
+               mesh: jax.sharding.Mesh, flip: bool = False, prefix: str = "eval"):
+    self.prefix = prefix
+    devices = mesh.devices.size
+    batch_size = -(-batch_size // devices) * devices  # padding absorbs the rounding up
+    images, labels, mask = data.pad_to_multiple(split, batch_size)
+    self.arrays = [parallel.put_replicated(a, mesh) for a in (images, labels, mask)]
+    self.num_batches = len(labels) // batch_size
+    self.num_examples = len(split)
+    self.step = jax.jit(make_eval_step(model, image_size, batch_size, mesh, flip),
+                        out_shardings=parallel.replicated(mesh))
+
+  def __call__(self, params: Any, keep_logits: bool = False) -> dict[str, Any]:
+    sums, logits = 0.0, []
+    for i in range(self.num_batches):
+      batch_logits, batch_sums = self.step(params, *self.arrays, np.int32(i))
+      sums = sums + batch_sums
+      if keep_logits:
+        logits.append(batch_logits)
+    loss, top1, top5, count = np.asarray(jax.device_get(sums), np.float64)
+    p = self.prefix
+    result = {f"{p}/loss": loss / count, f"{p}/top1": top1 / count, f"{p}/top5": top5 / count,
+              f"{p}/num_examples": int(count)}
+    if keep_logits:
+      result["logits"] = np.concatenate(jax.device_get(logits))[: self.num_examples]
+    return result
