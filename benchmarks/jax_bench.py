@@ -62,8 +62,9 @@ class JaxBench:
         train_step.make_train_step(self.model, tx, config, num_classes, self.mesh),
         donate_argnums=0, out_shardings=replicated)
     # Timed steps stay in epoch 0 (the loop recomputes the order once per epoch).
-    self.order = data.EpochOrders(config.seed, num_examples, self.batch_size,
-                                  replicated)(0, self.state.step)
+    # Kept alive: freeing a jitted function while its call runs aborts XLA:CPU under oneDNN.
+    self.orders = data.EpochOrders(config.seed, num_examples, self.batch_size, replicated)
+    self.order = jax.block_until_ready(self.orders(0, self.state.step))
 
     start = time.perf_counter()
     lowered = self.step_fn.lower(self.state, self.images, self.labels, self.order)

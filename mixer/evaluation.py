@@ -25,7 +25,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from PIL import Image
 
-from mixer import checkpoints, config_lib, data, evaluator, metrics, models, parallel, plots
+from mixer import (checkpoints, config_lib, data, evaluator, metrics, models, parallel, plots,
+                   pretrained)
 
 CLASS_NAMES_FILE = "class_names.json"
 ECE_BINS = 15
@@ -134,15 +135,15 @@ def check_param_shapes(params: Any, expected: Any, where: str) -> None:
   """Raises ValueError naming the parameters missing, extra or of another shape."""
   got = flax.traverse_util.flatten_dict(params, sep="/")
   want = flax.traverse_util.flatten_dict(expected, sep="/")
+  missing, extra, misshaped = pretrained.tree_diff(got, want)
   first = lambda key: (key.startswith("MixerBlock_"), key)  # stem, head, norm before the blocks
   shapes = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(want[k].shape)}"
-            for k in sorted(want.keys() & got.keys(), key=first)
-            if tuple(got[k].shape) != tuple(want[k].shape)]
+            for k in sorted(misshaped, key=first)]
   problems = []
-  if want.keys() - got.keys():
-    problems.append(f"Missing from the checkpoint: {_by_module(want.keys() - got.keys())}")
-  if got.keys() - want.keys():
-    problems.append(f"Not in the model: {_by_module(got.keys() - want.keys())}")
+  if missing:
+    problems.append(f"Missing from the checkpoint: {_by_module(set(missing))}")
+  if extra:
+    problems.append(f"Not in the model: {_by_module(set(extra))}")
   if shapes:
     shown = "; ".join(shapes[:8]) + (f"; and {len(shapes) - 8} more" if len(shapes) > 8 else "")
     problems.append(f"Of another shape ({len(shapes)}): {shown}")

@@ -192,10 +192,11 @@ def count_params(model: nn.Module, image_size: int, channels: int = 3) -> int:
 def build_model(config: Any, num_classes: int) -> MlpMixer:
   """The Mixer a training config's `model` section describes (dtype resolved for the backend)."""
   m = config.model
-  dims = {k: m[k] for k in ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")}
+  dims = {k: getattr(m, k) for k in ("hidden_dim", "num_blocks", "tokens_mlp_dim",
+                                     "channels_mlp_dim")}
   dtype = resolve_dtype(m.dtype, jax.default_backend())
-  return create_model(m.variant, num_classes, stoch_depth=m.stoch_depth,
-                             dropout=m.dropout, dtype=dtype, **dims)
+  return create_model(m.variant, num_classes, stoch_depth=m.stoch_depth, dropout=m.dropout,
+                      dtype=dtype, **dims)
 
 
 def init_params(model: MlpMixer, image_size: int, seed: int) -> Any:

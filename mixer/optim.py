@@ -1,16 +1,19 @@
 """Optimizers and learning-rate schedules built from the config (optax)."""
 from __future__ import annotations
 
+from typing import Any
+
 import jax
-import ml_collections
 import optax
 
+Config = Any  # an ml_collections.ConfigDict with config_lib.base_config()'s keys
 
-def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+
+def warmup_steps(config: Config, steps_per_epoch: int) -> int:
   return int(round(config.warmup_epochs * steps_per_epoch))
 
 
-def check_warmup(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> None:
+def check_warmup(config: Config, total_steps: int, steps_per_epoch: int) -> None:
   """A warmup as long as the run would never decay the learning rate: a config error."""
   warmup = warmup_steps(config, steps_per_epoch)
   if warmup and warmup >= total_steps:
@@ -20,7 +23,7 @@ def check_warmup(config: ml_collections.ConfigDict, total_steps: int, steps_per_
         "decay. Lower warmup_epochs or lengthen the run.")
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int,
+def learning_rate_schedule(config: Config, total_steps: int,
                            steps_per_epoch: int) -> optax.Schedule:
   """Linear warmup from 0, then cosine or linear decay to 0 at `total_steps`."""
   warmup = warmup_steps(config, steps_per_epoch)
@@ -40,7 +43,7 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
+def make_optimizer(config: Config,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW or SGD with momentum; decoupled decay on kernels."""
   parts = []

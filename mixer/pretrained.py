@@ -197,6 +197,17 @@ def _head(flat: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict[s
               else np.asarray(jax.device_get(template[k]))) for k in wanted}
 
 
+def tree_diff(got: Mapping[str, Any], want: Mapping[str, Any],
+              ignore: frozenset[str] = frozenset()) -> tuple[list[str], list[str], list[str]]:
+  """Flat parameter trees compared: keys of `want` missing from `got`, keys of `got` not in
+  `want`, and shared keys whose shapes differ (each sorted; `ignore`d keys skipped)."""
+  missing = sorted(k for k in want if k not in got and k not in ignore)
+  extra = sorted(k for k in got if k not in want and k not in ignore)
+  misshaped = sorted(k for k in want.keys() & got.keys() if k not in ignore
+                     and tuple(np.shape(got[k])) != tuple(want[k].shape))
+  return missing, extra, misshaped
+
+
 def load_pretrained(path_or_flat: PathOrFlat, template_params: Any, *,
                     num_tokens: int | None = None) -> Any:
   """Params shaped like `template_params`, filled from a published-layout checkpoint.
@@ -230,8 +241,7 @@ def load_pretrained(path_or_flat: PathOrFlat, template_params: Any, *,
     factor, why = _token_factor(flat, tokens, tokens_mlp_dim)
     if why:
       problems.append(why)
-  missing = sorted(k for k in template if k not in flat and k not in HEAD_KEYS)
-  extra = sorted(k for k in flat if k not in template and k not in HEAD_KEYS)
+  missing, extra, _ = tree_diff(flat, template, ignore=frozenset(HEAD_KEYS))
   if missing:
     problems.append(f"missing from the checkpoint: {', '.join(missing)}")
   if extra:

@@ -37,7 +37,7 @@ from mixer import sweeps, workdir_lock
 TRIAL_FILE = "trial.json"
 LOG_FILE = "train.log"
 STATUSES = ("pending", "running", "finished", "failed", "stopped")
-STOPPED_MARK = "Stopped by SIGTERM"  # train_lib's log line when a run stopped early.
+RUN_FILE = "run.json"  # train_lib.RunResult as train.py last wrote it (status, num_params, ...)
 ERROR_CHARS = 4000
 _ABSL_INFO_LINE = re.compile(r"^I\d{4} ")
 # An exception's last line, absl's FATAL, or a script's one-line `error: ...` (cli_errors).
@@ -209,10 +209,20 @@ def _now() -> str:
   return datetime.datetime.now().isoformat(timespec="seconds")
 
 
-def _outcome(returncode: int, output: str, stop_requested: bool) -> dict[str, Any]:
+def read_run(trial_dir: str) -> dict[str, Any]:
+  """The trial's run.json written by train.py ({} before training started)."""
+  try:
+    with open(os.path.join(trial_dir, RUN_FILE), encoding="utf-8") as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return {}
+
+
+def _outcome(returncode: int, output: str, stop_requested: bool,
+             run_status: str | None) -> dict[str, Any]:
   """status, error (the output's tail) and error_line of one ended attempt."""
   if returncode == 0:
-    return {"status": "stopped" if STOPPED_MARK in output else "finished"}
+    return {"status": "stopped" if run_status == "stopped" else "finished"}
   if stop_requested and returncode == -signal.SIGTERM:  # stopped before its handler was set
     return {"status": "stopped"}
   error = without_info_lines(output)
@@ -256,7 +266,8 @@ def run_trial(sweep: sweeps.Sweep, trial: sweeps.Trial, workdir: str,
   with open(log_path, encoding="utf-8", errors="replace") as f:
     f.seek(offset)
     output = f.read()
-  state.update(_outcome(proc.returncode, output, bool(stopper and stopper.requested)),
+  state.update(_outcome(proc.returncode, output, bool(stopper and stopper.requested),
+                        read_run(trial_dir).get("status")),
                returncode=proc.returncode, ended=_now(),
                wall_time_s=round(state["wall_time_s"] + time.time() - start, 1))
   _write_state(trial_dir, state)
@@ -314,8 +325,11 @@ def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
         return {"status": "running"}
       logging.info("Trial %s: starting (%s).", trial.name, device_env or "cpu")
       state = run_trial(sweep, trial, workdir, device_env, env, stopper)
-      logging.info("Trial %s: %s (%.0fs over %d attempt(s)).", trial.name, state["status"],
-                   state["wall_time_s"], state["attempts"])
+      scores = {k: v for k, v in read_run(os.path.join(workdir, trial.name)).get(
+          "metrics", {}).items() if k.endswith("/top1")}
+      result = "".join(f", {k} {v:.4f}" for k, v in sorted(scores.items(), reverse=True))
+      logging.info("Trial %s: %s (%.0fs over %d attempt(s)%s).", trial.name, state["status"],
+                   state["wall_time_s"], state["attempts"], result)
       return state
     finally:
       slots.put(device_env)

@@ -1,7 +1,7 @@
 """A sweep's results: DIR/summary.csv, DIR/summary.md and DIR/summary.png.
 
 One row per trial of DIR/sweep.json, from whatever each trial has written so far
-(trial.json, metrics.jsonl, config.json, train.log), ranked by best val/top1 (the held-out
+(trial.json, run.json, metrics.jsonl, config.json), ranked by best val/top1 (the held-out
 validation split); trials without a val_split can only be ranked on the test split
 (eval/top1), and the summary says so.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import statistics
 from typing import Any
 
@@ -20,7 +19,6 @@ from mixer import sweep_runner, sweeps
 # final_test_top1 is always the test split's.
 METRIC_COLUMNS = ("status", "ranked_on", "final_step", "final_top1", "best_top1", "best_step",
                   "final_top5", "final_test_top1", "params", "median_img_per_sec", "wall_time_s")
-_PARAMS_LOG_LINE = re.compile(r"Mixer \S+: (\d+) parameters")
 
 
 def _params_from_config(trial_dir: str) -> int | None:
@@ -38,14 +36,9 @@ def _params_from_config(trial_dir: str) -> int | None:
 
 
 def trial_params(trial_dir: str) -> int | None:
-  """The parameter count the run logged, else counted from its config; None if unknown."""
-  log_path = os.path.join(trial_dir, sweep_runner.LOG_FILE)
-  if os.path.exists(log_path):
-    with open(log_path, encoding="utf-8", errors="replace") as f:
-      found = _PARAMS_LOG_LINE.findall(f.read())
-    if found:
-      return int(found[-1])
-  return _params_from_config(trial_dir)
+  """The parameter count in the run's run.json, else counted from its config; None if unknown."""
+  num_params = sweep_runner.read_run(trial_dir).get("num_params")
+  return int(num_params) if num_params is not None else _params_from_config(trial_dir)
 
 
 def read_metrics(trial_dir: str) -> list[dict[str, float]]:

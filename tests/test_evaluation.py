@@ -55,6 +55,29 @@ def test_latest_matches_the_training_runs_final_eval(run, latest):
     np.testing.assert_allclose(report[name], metric_at(rows, f"eval/{name}", 6), rtol=1e-6)
 
 
+def test_report_matches_an_independent_computation(run, latest):
+  """top-1/top-5/loss recomputed in numpy from plain model.apply (no Evaluator, no padding)."""
+  report, split = latest
+  from mixer import models  # pylint: disable=g-import-not-at-top
+  step, config, params = evaluation.restore_params(run)
+  model = models.build_model(config, split.num_classes)
+  x = np.asarray(split.images, np.float32) / 127.5 - 1.0
+  logits = np.asarray(model.apply({"params": params}, x, train=False), np.float64)
+  if config.eval_flip:
+    logits = (logits + np.asarray(model.apply({"params": params}, x[:, :, ::-1], train=False))) / 2
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  labels = split.labels
+  top5 = np.argsort(-logits, axis=-1)[:, :5]
+  assert step == report["step"]
+  one = 1.5 / len(labels)  # float32 near-ties may order one example differently
+  np.testing.assert_allclose(report["top1"], np.mean(logits.argmax(-1) == labels), atol=one)
+  np.testing.assert_allclose(report["top5"], np.mean((top5 == labels[:, None]).any(-1)),
+                             atol=one)
+  np.testing.assert_allclose(report["loss"], -np.mean(logp[np.arange(len(labels)), labels]),
+                             rtol=1e-4)
+
+
 def test_report_json_has_every_class_and_superclass(latest):
   report, split = latest
   path = report["files"][0]

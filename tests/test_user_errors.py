@@ -1,4 +1,5 @@
 """A user's mistake ends train.py with one `error:` line naming it, and nothing is created."""
+import errno
 import glob
 import os
 import shutil
@@ -83,3 +84,24 @@ def test_corrupt_record_file_is_named(tmp_path):
     f.write(b"\xff" * 64)
   with pytest.raises(ValueError, match=f"Corrupt data file {record}"):
     data.load_split("cifar100", "test", str(tmp_path))
+
+
+def test_disk_full_at_a_save_names_the_path_and_keeps_the_last_checkpoint(mock_cifar, tmp_path,
+                                                                           monkeypatch):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from mixer import checkpoints, cli_errors, train_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(tiny_config(total_steps=6), workdir)
+
+  def disk_full(self, step, state, metrics=None):
+    del state, metrics
+    raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.directory, str(step)))
+
+  monkeypatch.setattr(checkpoints.Checkpoints, "save", disk_full)
+  with pytest.raises(OSError) as info:
+    train_lib.train_and_evaluate(tiny_config(), workdir, allow_config_change=("total_steps",))
+  assert cli_errors.message(info.value).startswith(
+      f"disk full: {os.path.join(workdir, 'checkpoints', '12')}")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
+  assert train_lib.read_run(workdir).status == "failed"
+  assert not os.path.exists(os.path.join(workdir, "lock.json"))
