@@ -23,9 +23,13 @@ setup(
         "matplotlib",
         "pillow",
         "absl-py",
+        "submitit>=1.5,<2",  # sweep.py --launcher=slurm|submitit_local (mixer/sweep_submitit.py)
     ],
     extras_require={
         "test": ["pytest>=8"],
+        # The Makefile picks one by the machine's accelerator (scripts/detect_accelerator.sh).
+        "cuda12": ["jax[cuda12]>=0.10,<0.11"],
+        "cuda13": ["jax[cuda13]>=0.10,<0.11"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         # PyTorch peer for benchmarks/throughput.py --compare (on CPU-only machines

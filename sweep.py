@@ -5,17 +5,23 @@
       --sweep='learning_rate=[1e-3,3e-3] model.variant=[S/4,B/4]' --parallel=2
   python sweep.py --config=... --workdir=DIR --print_commands   # one command per trial
   python sweep.py --workdir=DIR --summarize                     # DIR/summary.{csv,md,png}
+  python sweep.py --config=... --workdir=DIR --launcher=slurm --slurm_partition=gpu \
+      --slurm_gpus_per_trial=8 --slurm_time_min=240             # one SLURM job per trial
 
 --sweep replaces the config file's get_sweep(); `--config.key=value` flags apply to every
 trial. Every trial is validated before any starts. Running the same command again skips
 finished trials and resumes the others. Exits non-zero unless every trial finished.
+--launcher=slurm submits each trial as a SLURM job through submitit (a job array), requeued
+from its checkpoint when preempted or near its time limit (mixer/sweep_submitit.py);
+--launcher=submitit_local runs that same path on this machine. --no_wait returns once the
+jobs are submitted; --summarize collects them later.
 """
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mixer import cli_errors, sweep_runner, sweep_summary, sweeps
+from mixer import cli_errors, sweep_runner, sweep_submitit, sweep_summary, sweeps
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (with get_sweep).",
                                 lock_config=True)
@@ -27,6 +33,17 @@ flags.DEFINE_integer("parallel", 1, "Trials run at once (GPUs are split evenly b
 flags.DEFINE_bool("print_commands", False, "Print one shell command per trial; run nothing.")
 flags.DEFINE_bool("summarize", False, "Only rebuild DIR/summary.{csv,md,png}.")
 flags.DEFINE_string("train_script", sweeps.TRAIN_SCRIPT, "The script each trial runs.")
+flags.DEFINE_enum("launcher", "local", sweep_submitit.LAUNCHERS,
+                  "local: train.py subprocesses here; slurm: one SLURM job per trial (submitit); "
+                  "submitit_local: submitit's path on this machine.")
+flags.DEFINE_bool("no_wait", False, "slurm/submitit_local: return once the jobs are submitted.")
+flags.DEFINE_string("slurm_partition", None, "SLURM partition of the trials' jobs.")
+flags.DEFINE_integer("slurm_gpus_per_trial", 0, "GPUs per node of each trial's job.")
+flags.DEFINE_integer("slurm_nodes", 1, "Nodes per trial (one train.py process per node).")
+flags.DEFINE_integer("slurm_time_min", 24 * 60, "Time limit of each job, minutes; the job is "
+                     "requeued from its checkpoint when it runs out.")
+flags.DEFINE_integer("slurm_cpus_per_task", None, "CPUs per node of each trial's job.")
+flags.DEFINE_float("slurm_mem_gb", None, "Memory per node of each trial's job, GB.")
 FLAGS = flags.FLAGS
 
 
@@ -36,6 +53,7 @@ def main(argv):
   if FLAGS.summarize:
     sweep_summary.summarize(FLAGS.workdir)
     print(f"Wrote {FLAGS.workdir}/summary.csv, summary.md and summary.png.")
+    print(sweep_runner.report_line(FLAGS.workdir, sweep_runner.statuses(FLAGS.workdir)))
     return
   if FLAGS.config is None:
     raise app.UsageError("--config is required (except with --summarize).")
@@ -48,7 +66,18 @@ def main(argv):
       sweeps.save_sweep(sweep, FLAGS.workdir)  # lets --summarize read the runs later
       print("\n".join(sweeps.shell_commands(sweep, FLAGS.workdir)))
       return
-    statuses = sweep_runner.run_sweep(sweep, FLAGS.workdir, FLAGS.parallel)
+    if FLAGS.launcher == "local":
+      statuses = sweep_runner.run_sweep(sweep, FLAGS.workdir, FLAGS.parallel)
+    else:
+      options = sweep_submitit.JobOptions(
+          partition=FLAGS.slurm_partition, gpus_per_trial=FLAGS.slurm_gpus_per_trial,
+          nodes=FLAGS.slurm_nodes, time_min=FLAGS.slurm_time_min,
+          cpus_per_task=FLAGS.slurm_cpus_per_task, mem_gb=FLAGS.slurm_mem_gb)
+      statuses = sweep_submitit.submit_sweep(sweep, FLAGS.workdir, FLAGS.launcher, options,
+                                             wait=not FLAGS.no_wait)
+      if FLAGS.no_wait:
+        print(f"Submitted; collect with: python sweep.py --workdir={FLAGS.workdir} --summarize")
+        return
   except ValueError as e:
     sys.exit(f"sweep.py: {e}")
   sweep_summary.summarize(FLAGS.workdir)

@@ -54,10 +54,12 @@ def peak_dtype(platform: str) -> jnp.dtype:
   return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
 
 
-def jax_matmul_peak(platform: str, trials: int = 5) -> dict[str, Any]:
-  """Best and median FLOP/s of a jitted chain of square matmuls on the default device."""
-  dtype = peak_dtype(platform)
-  n, reps = (2048, 8) if platform == "cpu" else (8192, 50)
+def jax_matmul_peak(platform: str, trials: int = 5, dtype: Any = None,
+                    n: int | None = None) -> dict[str, Any]:
+  """Best and median FLOP/s of a jitted chain of square matmuls on the default device, in
+  `dtype` (default: peak_dtype(platform)) at size n x n (default: 2048 on CPU, else 8192)."""
+  dtype = jnp.dtype(dtype or peak_dtype(platform))
+  n, reps = (n or 2048, 8) if platform == "cpu" else (n or 8192, 50)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n, n)), dtype)
   w = jnp.asarray(rng.standard_normal((n, n)) / np.sqrt(n), dtype)  # keeps |x| stable

@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from mixer import data, evaluator, models, optim, parallel, train_step
@@ -36,8 +35,11 @@ class JaxBench:
   replicated outputs); the ahead-of-time compile fills the same cache that calls use.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, num_classes: int, num_examples: int,
-               counter: timing.CompileCounter, seed: int = 0):
+  def __init__(self, config: Any, num_classes: int, num_examples: int,
+               counter: timing.CompileCounter, seed: int = 0,
+               arrays: tuple[np.ndarray, np.ndarray] | None = None):
+    """`config`: a training config (ml_collections); `arrays`: (uint8 images, int32 labels) of
+    `num_examples` rows, else random ones."""
     self.config, self.counter = config, counter
     self.mesh = parallel.make_mesh()
     self.batch_size = config.batch_size
@@ -55,9 +57,10 @@ class JaxBench:
     self.num_params = sum(int(x.size) for x in jax.tree.leaves(self.state.params))
     rng = np.random.default_rng(seed)
     shape = (num_examples, config.image_size, config.image_size, 3)
-    self.images = parallel.put_replicated(rng.integers(0, 256, shape, np.uint8), self.mesh)
-    self.labels = parallel.put_replicated(
-        rng.integers(0, num_classes, (num_examples,), np.int32), self.mesh)
+    images, labels = arrays or (rng.integers(0, 256, shape, np.uint8),
+                              rng.integers(0, num_classes, (num_examples,), np.int32))
+    self.images = parallel.put_replicated(images, self.mesh)
+    self.labels = parallel.put_replicated(labels, self.mesh)
     self.step_fn = jax.jit(
         train_step.make_train_step(self.model, tx, config, num_classes, self.mesh),
         donate_argnums=0, out_shardings=replicated)

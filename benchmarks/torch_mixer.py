@@ -12,7 +12,6 @@ import functools
 import time
 from typing import Any
 
-import ml_collections
 import numpy as np
 import torch
 from torch import nn
@@ -104,10 +103,13 @@ def build(dims: dict[str, Any], num_classes: int, image_size: int,
 class Trainer:
   """One AdamW step of forward, backward, clipping and update on a fixed batch."""
 
-  def __init__(self, model: nn.Module, config: ml_collections.ConfigDict, num_classes: int,
+  def __init__(self, model: nn.Module, config: Any, num_classes: int,
                batch_size: int, image_size: int, device: str = "cpu", seed: int = 0,
-               compiled: bool = False):
+               compiled: bool = False, autocast: torch.dtype | None = None):
+    """`config`: a training config (optimizer settings); `autocast`: e.g. torch.bfloat16 for
+    mixed precision (float32 parameters, bfloat16 matmuls), None for float32."""
     torch.manual_seed(seed)
+    self.autocast = autocast
     self.device = torch.device(device)
     self.model = model.to(self.device).train()
     # torch.compile (inductor) traces forward and backward on the first call; the optimizer
@@ -127,8 +129,10 @@ class Trainer:
     """Seconds for one step, waited for."""
     start = time.perf_counter()
     self.opt.zero_grad(set_to_none=True)
-    logits = self.forward(self.images)
-    loss = F.cross_entropy(logits, self.labels, label_smoothing=self.label_smoothing)
+    with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+      logits = self.forward(self.images)
+      loss = F.cross_entropy(logits.float(), self.labels, label_smoothing=self.label_smoothing)
+    self.last_loss = loss.detach()
     loss.backward()
     if self.clip > 0:
       nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)

@@ -12,7 +12,8 @@ from mixer import models
 
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "linear")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16")
+TOKEN_MIXING = ("auto", *models.TOKEN_MIXING)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Compute dtype; parameters and optimizer state stay float32. "auto": bfloat16 on GPU/TPU,
   # float32 on CPU (where bfloat16 measured slower).
   c.model.dtype = "auto"
+  # "auto": TokenDense's batched matmul on CPU (measured faster there), the official
+  # transpose + Dense elsewhere; same parameters either way.
+  c.model.token_mixing = "auto"
   # Explicit dimensions override the variant's (None: the variant's own).
   for key in ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim"):
     c.model[key] = config_dict.placeholder(int)
@@ -126,7 +130,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   patch = models.parse_variant(c.model.variant)["patch_size"]
   _check(c.image_size > 0 and c.image_size % patch == 0, "image_size", c.image_size,
          f"must be a positive multiple of the patch size {patch}")
+  _check(c.model.dtype != "float16", "model.dtype", c.model.dtype,
+         "float16 training needs loss scaling, which this codebase does not do; use bfloat16 "
+         "(float32's range, as fast on GPU/TPU, no loss scaling)")
   _check(c.model.dtype in DTYPES, "model.dtype", c.model.dtype, f"expected one of {DTYPES}")
+  _check(c.model.token_mixing in TOKEN_MIXING, "model.token_mixing", c.model.token_mixing,
+         f"expected one of {TOKEN_MIXING}")
   _check(0.0 <= c.model.stoch_depth < 1.0, "model.stoch_depth", c.model.stoch_depth, "need 0 <= p < 1")
   _check(0.0 <= c.model.dropout < 1.0, "model.dropout", c.model.dropout, "need 0 <= p < 1")
   for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every_steps",

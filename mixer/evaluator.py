@@ -9,6 +9,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mixer import data, metrics, models, parallel
 
@@ -24,8 +25,10 @@ def predict_logits(model: models.MlpMixer, params: Any, images: jax.Array,
 
 
 def make_eval_step(model: models.MlpMixer, image_size: int, batch_size: int,
-                   mesh: jax.sharding.Mesh, flip: bool = False) -> Callable:
-  """(params, images, labels, mask, index) -> logits and masked sums of loss/top1/top5/count."""
+                   mesh: jax.sharding.Mesh, flip: bool = False,
+                   with_logits: bool = False) -> Callable:
+  """(params, images, labels, mask, index) -> masked sums of loss/top1/top5/count, and first
+  the batch's logits (sharded like the batch) when `with_logits`."""
   def eval_step(params, all_images, all_labels, all_mask, index):
     shard = lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))
     images, labels, mask = map(shard, data.eval_batch(all_images, all_labels, all_mask, index,
@@ -35,7 +38,7 @@ def make_eval_step(model: models.MlpMixer, image_size: int, batch_size: int,
     top5 = metrics.topk_correct(logits, labels, min(5, logits.shape[-1]))
     sums = jnp.stack([jnp.sum(loss * mask), jnp.sum(metrics.topk_correct(logits, labels, 1) * mask),
                       jnp.sum(top5 * mask), jnp.sum(mask)])
-    return logits, sums
+    return (logits, sums) if with_logits else sums
   return eval_step
 
 
@@ -44,6 +47,8 @@ class Evaluator:
 
   The batch size is rounded up to a multiple of the device count. Metrics are named
   `{prefix}/loss`, `{prefix}/top1`, ...; `flip` averages each image's and its mirror's logits.
+  Only the metric sums are replicated; logits are computed where their examples are and
+  leave the devices only when asked for (`keep_logits`).
   """
 
   def __init__(self, model: models.MlpMixer, split: data.Split, image_size: int, batch_size: int,
@@ -55,20 +60,32 @@ class Evaluator:
     self.arrays = [parallel.put_replicated(a, mesh) for a in (images, labels, mask)]
     self.num_batches = len(labels) // batch_size
     self.num_examples = len(split)
-    self.step = jax.jit(make_eval_step(model, image_size, batch_size, mesh, flip),
-                        out_shardings=parallel.replicated(mesh))
+    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    step = lambda with_logits: make_eval_step(model, image_size, batch_size, mesh, flip,
+                                              with_logits)
+    self.step = jax.jit(step(False), out_shardings=replicated)
+    self.step_with_logits = jax.jit(step(True), out_shardings=(sharded, replicated))
 
   def __call__(self, params: Any, keep_logits: bool = False) -> dict[str, Any]:
     sums, logits = 0.0, []
     for i in range(self.num_batches):
-      batch_logits, batch_sums = self.step(params, *self.arrays, np.int32(i))
-      sums = sums + batch_sums
       if keep_logits:
+        batch_logits, batch_sums = self.step_with_logits(params, *self.arrays, np.int32(i))
         logits.append(batch_logits)
+      else:
+        batch_sums = self.step(params, *self.arrays, np.int32(i))
+      sums = sums + batch_sums
     loss, top1, top5, count = np.asarray(jax.device_get(sums), np.float64)
     p = self.prefix
     result = {f"{p}/loss": loss / count, f"{p}/top1": top1 / count, f"{p}/top5": top5 / count,
               f"{p}/num_examples": int(count)}
     if keep_logits:
-      result["logits"] = np.concatenate(jax.device_get(logits))[: self.num_examples]
+      result["logits"] = np.concatenate([_to_host(x) for x in logits])[: self.num_examples]
     return result
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+  """The whole (batch-sharded) array on this host, from every process when there are several."""
+  if array.is_fully_addressable:
+    return np.asarray(jax.device_get(array))
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -17,9 +17,15 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label is among the k highest logits, per example."""
-  _, top = jax.lax.top_k(logits, k)
-  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+  """1.0 where the label is among the k highest logits (ties: lower class first), per example.
+
+  Counts the classes ranked above the label instead of calling lax.top_k, which XLA does not
+  partition over the batch: with top_k every device gathered the whole batch's logits.
+  """
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  classes = jnp.arange(logits.shape[-1])
+  above = (logits > label_logit) | ((logits == label_logit) & (classes < labels[:, None]))
+  return (jnp.sum(above, axis=-1) < k).astype(jnp.float32)
 
 
 def truncate_jsonl(path: str, after_step: int) -> None:

@@ -52,27 +52,39 @@ class TokenDense(nn.Module):
     return jnp.einsum("bft,btc->bfc", kernel_t, x) + bias[:, None]
 
 
+# How the token-mixing MLP is computed; both hold the same parameters (nn.Dense's).
+TOKEN_MIXING = ("transpose", "batched")
+
+
 class MlpBlock(nn.Module):
   """Dense -> GELU (tanh approximation) -> Dense back to the input width.
 
-  Mixes the last axis of (batch, tokens, channels), or the token axis when `over_tokens`.
+  Mixes the last axis of (batch, tokens, channels), or the token axis when `over_tokens`:
+  with token_mixing 'transpose' as the official implementation does (swap the token and
+  channel axes around nn.Dense), with 'batched' through TokenDense (no transposes).
   """
   mlp_dim: int
   dropout: float = 0.0
   over_tokens: bool = False
+  token_mixing: str = "transpose"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    layer = TokenDense if self.over_tokens else nn.Dense
-    width = x.shape[1] if self.over_tokens else x.shape[-1]
+    batched = self.over_tokens and self.token_mixing == "batched"
+    transposed = self.over_tokens and not batched
+    if transposed:
+      x = jnp.swapaxes(x, 1, 2)  # (batch, channels, tokens)
+    layer = TokenDense if batched else nn.Dense
+    width = x.shape[1] if batched else x.shape[-1]
     dense = lambda features, name: layer(features, dtype=self.dtype,
                                          param_dtype=self.param_dtype, name=name)
     y = nn.gelu(dense(self.mlp_dim, "Dense_0")(x))
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     y = dense(width, "Dense_1")(y)
-    return nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    return jnp.swapaxes(y, 1, 2) if transposed else y
 
 
 class MixerBlock(nn.Module):
@@ -81,6 +93,7 @@ class MixerBlock(nn.Module):
   channels_mlp_dim: int
   drop_path: float = 0.0  # stochastic-depth rate of this block
   dropout: float = 0.0
+  token_mixing: str = "transpose"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -90,8 +103,8 @@ class MixerBlock(nn.Module):
     # One keep/drop decision per example, shared by all its tokens and channels.
     drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
     y = nn.LayerNorm(epsilon=LN_EPSILON, **kw)(x)
-    y = MlpBlock(self.tokens_mlp_dim, self.dropout, over_tokens=True, name="token_mixing",
-                 **kw)(y, train)
+    y = MlpBlock(self.tokens_mlp_dim, self.dropout, over_tokens=True,
+                 token_mixing=self.token_mixing, name="token_mixing", **kw)(y, train)
     x = x + drop_path(y, deterministic=not train)
     y = nn.LayerNorm(epsilon=LN_EPSILON, **kw)(x)
     y = MlpBlock(self.channels_mlp_dim, self.dropout, name="channel_mixing", **kw)(y, train)
@@ -117,6 +130,7 @@ class MlpMixer(nn.Module):
   channels_mlp_dim: int
   stoch_depth: float = 0.0
   dropout: float = 0.0
+  token_mixing: str = "transpose"  # or "batched"; see TOKEN_MIXING and resolve_token_mixing
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -136,7 +150,7 @@ class MlpMixer(nn.Module):
     x = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, channels)
     for i, rate in enumerate(drop_path_rates(self.stoch_depth, self.num_blocks)):
       x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dropout,
-                     name=f"MixerBlock_{i}", **kw)(x, train)
+                     self.token_mixing, name=f"MixerBlock_{i}", **kw)(x, train)
     x = nn.LayerNorm(epsilon=LN_EPSILON, name="pre_head_layer_norm", **kw)(x)
     x = jnp.mean(x, axis=1)
     if self.num_classes == 0:
@@ -157,7 +171,7 @@ def parse_variant(variant: str) -> dict[str, int]:
 
 
 OVERRIDES = ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim", "stoch_depth",
-             "dropout", "dtype", "param_dtype")
+             "dropout", "token_mixing", "dtype", "param_dtype")
 
 
 def resolve_dtype(name: str, platform: str) -> str:
@@ -167,8 +181,20 @@ def resolve_dtype(name: str, platform: str) -> str:
   return "float32" if platform == "cpu" else "bfloat16"
 
 
+def resolve_token_mixing(name: str, platform: str) -> str:
+  """'auto' -> 'batched' (TokenDense) on CPU, where it was measured faster (docs/BENCHMARKS.md),
+  else the official 'transpose' formulation; other names are checked and returned."""
+  if name == "auto":
+    return "batched" if platform == "cpu" else "transpose"
+  if name not in TOKEN_MIXING:
+    raise ValueError(f"Unknown token_mixing {name!r}: expected 'auto' or one of {TOKEN_MIXING}.")
+  return name
+
+
 def create_model(variant: str, num_classes: int, **overrides: Any) -> MlpMixer:
-  """Builds a Mixer by variant name; explicit keyword arguments win over the size's defaults."""
+  """Builds a Mixer by variant name; explicit keyword arguments win over the size's defaults.
+
+  token_mixing defaults to 'auto' (resolve_token_mixing on the default backend)."""
   unknown = sorted(set(overrides) - set(OVERRIDES))
   if unknown:
     raise TypeError(f"create_model got unknown overrides {unknown}; allowed: {list(OVERRIDES)}.")
@@ -176,6 +202,9 @@ def create_model(variant: str, num_classes: int, **overrides: Any) -> MlpMixer:
     raise ValueError(f"num_classes must be >= 0, got {num_classes}.")
   kwargs = parse_variant(variant)
   kwargs.update({k: v for k, v in overrides.items() if v is not None})
+  mixing = kwargs.get("token_mixing", "auto")
+  kwargs["token_mixing"] = resolve_token_mixing(
+      mixing, jax.default_backend() if mixing == "auto" else "")
   for key in ("dtype", "param_dtype"):
     if isinstance(kwargs.get(key), str):
       kwargs[key] = jnp.dtype(kwargs[key])
@@ -189,14 +218,17 @@ def count_params(model: nn.Module, image_size: int, channels: int = 3) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(shapes["params"]))
 
 
-def build_model(config: Any, num_classes: int) -> MlpMixer:
-  """The Mixer a training config's `model` section describes (dtype resolved for the backend)."""
+def build_model(config: Any, num_classes: int, platform: str | None = None) -> MlpMixer:
+  """The Mixer a training config's `model` section describes, its "auto" dtype and token
+  mixing resolved for `platform` (default: JAX's default backend)."""
   m = config.model
+  platform = platform or jax.default_backend()
   dims = {k: getattr(m, k) for k in ("hidden_dim", "num_blocks", "tokens_mlp_dim",
                                      "channels_mlp_dim")}
-  dtype = resolve_dtype(m.dtype, jax.default_backend())
   return create_model(m.variant, num_classes, stoch_depth=m.stoch_depth, dropout=m.dropout,
-                      dtype=dtype, **dims)
+                      dtype=resolve_dtype(m.dtype, platform),
+                      token_mixing=resolve_token_mixing(getattr(m, "token_mixing", "auto"),
+                                                        platform), **dims)
 
 
 def init_params(model: MlpMixer, image_size: int, seed: int) -> Any:

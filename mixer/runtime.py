@@ -1,5 +1,9 @@
 """Process set-up shared by the entry scripts: XLA:CPU kernels, memory allocator, quiet logs.
 
+The CPU tuning below applies only when JAX will run on CPU (`will_run_on_cpu`, decided
+before JAX starts from JAX_PLATFORMS, else from the accelerator plugins installed and the
+devices present); on a GPU or TPU node the scripts run untouched.
+
 JAX on CPU allocates and frees hundreds of MB per step; with glibc malloc much of a step
 goes to page faults, so the entry scripts re-execute themselves with tcmalloc (Debian:
 libtcmalloc-minimal4) preloaded when it is installed. Set MIXER_ALLOCATOR=system to opt out.
@@ -30,6 +34,10 @@ ONEDNN_DOT_FLAGS = ("--xla_cpu_use_onednn=true",
 # The flags above are experimental: only set them for the jaxlib they were measured with.
 ONEDNN_DOT_JAXLIB = "0.10."
 
+# Installed distributions that give JAX a non-CPU backend, and the device files it then needs.
+ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
+ACCELERATOR_DEVICES = ("nvidia[0-9]*", "kfd", "accel[0-9]*", "vfio/[0-9]*")
+
 TCMALLOC_GLOBS = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4",
                   "/usr/lib/*-linux-gnu/libtcmalloc.so.4")
 
@@ -52,6 +60,25 @@ def _jaxlib_version() -> str:
     return importlib.metadata.version("jaxlib")
   except importlib.metadata.PackageNotFoundError:
     return ""
+
+
+def _installed_distributions() -> list[str]:
+  return [d.metadata["Name"] or "" for d in importlib.metadata.distributions()]
+
+
+def accelerator_present(dev: str = "/dev") -> bool:
+  """Whether an accelerator plugin for JAX is installed and a device file for one exists."""
+  plugin = any(name.lower().startswith(ACCELERATOR_PLUGINS) for name in _installed_distributions())
+  return plugin and any(glob.glob(os.path.join(dev, pattern)) for pattern in ACCELERATOR_DEVICES)
+
+
+def will_run_on_cpu() -> bool:
+  """Whether JAX will pick its CPU backend, decided without starting JAX: JAX_PLATFORMS's
+  first entry when set, else whether an accelerator is present (`accelerator_present`)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not accelerator_present()
 
 
 def configure_xla_cpu() -> None:
@@ -80,10 +107,17 @@ def quiet_cpp_logs() -> None:
 
 
 def prepare_process() -> None:
-  """The entry scripts' first call: XLA:CPU flags, quiet C++ logs, then the tcmalloc re-exec."""
-  configure_xla_cpu()
+  """The entry scripts' first call: quiet C++ logs and, when JAX will run on CPU, the XLA:CPU
+  flags and the tcmalloc re-exec."""
   quiet_cpp_logs()
-  reexec_with_tcmalloc()
+  if will_run_on_cpu():
+    configure_xla_cpu()
+    reexec_with_tcmalloc()
+
+
+def reexec_argv() -> list[str]:
+  """This process's command line with the interpreter's own flags (-X, -W, -u, ...) kept."""
+  return [sys.executable, *sys.orig_argv[1:]]
 
 
 def reexec_with_tcmalloc() -> None:
@@ -94,7 +128,34 @@ def reexec_with_tcmalloc() -> None:
   if library is None:
     return
   env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [library, os.environ.get("LD_PRELOAD")])))
-  os.execve(sys.executable, [sys.executable] + sys.argv, env)
+  os.execve(sys.executable, reexec_argv(), env)
+
+
+def slurm_step_tasks(environ: dict[str, str] | None = None) -> int:
+  """Processes of the `srun` step this process is one of (what JAX's SLURM detection will
+  use: SLURM_NTASKS, given SLURM_JOB_ID, SLURM_STEP_NODELIST and SLURM_PROCID); 0 outside
+  srun (under `sbatch` alone there is no step: one process)."""
+  environ = os.environ if environ is None else environ
+  if not all(k in environ for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID")):
+    return 0
+  try:
+    return int(environ.get("SLURM_NTASKS", "1"))
+  except ValueError:
+    return 0
+
+
+def describe_devices() -> str:
+  """One line on where this process computes, e.g. 'JAX 0.10.2 on cpu: 8 devices (cpu) in 1
+  process (this is process 0); allocator tcmalloc, XLA:CPU dots onednn'."""
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  line = (f"JAX {jax.__version__} on {jax.default_backend()}: {len(devices)} device(s) "
+          f"({', '.join(kinds)}) in {jax.process_count()} process(es), "
+          f"{jax.local_device_count()} here (this is process {jax.process_index()})")
+  if jax.default_backend() == "cpu":
+    line += f"; allocator {allocator_in_use()}, XLA:CPU dots {xla_cpu_dots()}"
+  return line
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

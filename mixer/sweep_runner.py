@@ -53,7 +53,7 @@ def read_state(trial_dir: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def _write_state(trial_dir: str, state: Mapping[str, Any]) -> None:
+def write_state(trial_dir: str, state: Mapping[str, Any]) -> None:
   path = os.path.join(trial_dir, TRIAL_FILE)
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(state, f, indent=1)
@@ -110,7 +110,7 @@ def device_envs(parallel: int, gpus: list[str]) -> list[dict[str, str]]:
           for i in range(parallel)]
 
 
-class _Stopper:
+class Stopper:
   """On SIGTERM/SIGINT: start no more trials and SIGTERM the running ones (they save, exit)."""
 
   def __init__(self):
@@ -119,7 +119,7 @@ class _Stopper:
     self._lock = threading.Lock()
     self._previous: dict[int, Any] = {}
 
-  def __enter__(self) -> "_Stopper":
+  def __enter__(self) -> "Stopper":
     if threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGTERM, signal.SIGINT):
         self._previous[signum] = signal.signal(signum, self._handle)
@@ -133,6 +133,10 @@ class _Stopper:
     del frame
     logging.warning("%s received: stopping the running trials (they save a checkpoint).",
                     signal.Signals(signum).name)
+    self.stop()
+
+  def stop(self) -> None:
+    """SIGTERM to every running trial (they save and exit); no new trial starts."""
     with self._lock:
       self.requested = True
       for proc in self._procs:
@@ -189,7 +193,7 @@ def start_child(command: list[str], **popen_kwargs: Any) -> subprocess.Popen:
   """subprocess.Popen(command, ...) in a session of its own that dies with this process.
 
   A session of its own: Ctrl-C in the terminal reaches the sweep only, which then stops
-  its trials cleanly (_Stopper). `die_with_parent` ends the child if the sweep is killed.
+  its trials cleanly (Stopper). `die_with_parent` ends the child if the sweep is killed.
   """
   return subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent(),
                           **popen_kwargs)
@@ -236,8 +240,10 @@ def _outcome(returncode: int, output: str, stop_requested: bool,
 
 def run_trial(sweep: sweeps.Sweep, trial: sweeps.Trial, workdir: str,
               device_env: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
-              stopper: _Stopper | None = None) -> dict[str, Any]:
-  """Runs (or resumes) one trial to its end; returns and stores its trial.json state."""
+              stopper: Stopper | None = None,
+              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Runs (or resumes) one trial to its end; returns and stores its trial.json state
+  (with `extra`'s fields, e.g. a scheduler's job id)."""
   trial_dir = os.path.join(workdir, trial.name)
   os.makedirs(trial_dir, exist_ok=True)
   command = sweeps.trial_command(sweep, trial, workdir)
@@ -246,8 +252,8 @@ def run_trial(sweep: sweeps.Sweep, trial: sweeps.Trial, workdir: str,
                status="running", returncode=None, error=None, error_line=None, started=_now(),
                ended=None,
                devices=(device_env or {}).get("CUDA_VISIBLE_DEVICES", "all"),
-               attempts=state["attempts"] + 1)
-  _write_state(trial_dir, state)
+               attempts=state["attempts"] + 1, **(extra or {}))
+  write_state(trial_dir, state)
   log_path = os.path.join(trial_dir, LOG_FILE)
   start = time.time()
   with open(log_path, "a", encoding="utf-8") as log:
@@ -270,7 +276,7 @@ def run_trial(sweep: sweeps.Sweep, trial: sweeps.Trial, workdir: str,
                         read_run(trial_dir).get("status")),
                returncode=proc.returncode, ended=_now(),
                wall_time_s=round(state["wall_time_s"] + time.time() - start, 1))
-  _write_state(trial_dir, state)
+  write_state(trial_dir, state)
   return state
 
 
@@ -303,7 +309,7 @@ def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
     os.makedirs(trial_dir, exist_ok=True)
     state = state or {"name": trial.name, "overrides": trial.overrides, "attempts": 0,
                       "wall_time_s": 0.0}
-    _write_state(trial_dir, dict(state, status="pending"))
+    write_state(trial_dir, dict(state, status="pending"))
     statuses[trial.name] = "pending"
     todo.append(trial)
   if not todo:
@@ -334,7 +340,7 @@ def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
     finally:
       slots.put(device_env)
 
-  with _Stopper() as stopper, concurrent.futures.ThreadPoolExecutor(workers) as pool:
+  with Stopper() as stopper, concurrent.futures.ThreadPoolExecutor(workers) as pool:
     futures = {pool.submit(run_in_slot, trial): trial for trial in todo}
     waiting = set(futures)
     while waiting:  # polls, so that signal handlers run promptly in this thread
@@ -342,6 +348,12 @@ def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
       for future in done:
         statuses[futures[future].name] = future.result()["status"]
   return statuses
+
+
+def statuses(workdir: str) -> dict[str, str]:
+  """{trial name: status} of a sweep directory's trials, as their trial.json files say."""
+  return {t.name: (read_state(os.path.join(workdir, t.name)) or {}).get("status", "pending")
+          for t in sweeps.load_sweep(workdir).trials}
 
 
 def report_line(workdir: str, statuses: Mapping[str, str]) -> str:

@@ -32,7 +32,10 @@ def _params_from_config(trial_dir: str) -> int | None:
     config = ml_collections.ConfigDict(json.load(f))
   with open(paths[1], encoding="utf-8") as f:
     num_classes = len(json.load(f)["label"])
-  return models.count_params(models.build_model(config, num_classes), config.image_size)
+  # platform="cpu": the count does not depend on it, and asking JAX for its backend here
+  # would make this process take GPU memory that running trials need.
+  return models.count_params(models.build_model(config, num_classes, platform="cpu"),
+                             config.image_size)
 
 
 def trial_params(trial_dir: str) -> int | None:

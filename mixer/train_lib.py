@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mixer import (checkpoints, config_guard, config_lib, data, metrics, models, optim, parallel,
                    pretrained, workdir_lock, writers)
@@ -80,23 +81,46 @@ def _check_and_average(pending: list[jax.Array], first: int, step: int,
   return {"train/loss": float(loss), "train/top1": float(top1), "grad_norm": float(grad_norm)}
 
 
+# With several processes, they compare their SIGTERM flags every this many steps and stop
+# together: one process stopping alone would leave the others waiting forever at the next
+# collective. SLURM's grace period after SIGTERM (KillWait) is 30 s by default.
+STOP_SYNC_STEPS = 10
+
+
 class _StopSignal:
-  """Records SIGTERM so that the loop can finish its step, save and exit cleanly."""
+  """Records SIGTERM (or SIGUSR2, a scheduler's usual time-limit warning) so that the loop can
+  finish its step, save and exit cleanly."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
   def __init__(self):
     self.received = False
-    self._previous = None
+    self._previous = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: finishing the current step, then saving.")
+    del frame
+    logging.warning("%s received: finishing the current step, then saving.",
+                    signal.Signals(signum).name)
     self.received = True
 
+  def agreed(self, step: int) -> bool:
+    """Whether to stop after `step`. One process: once SIGTERM came. Several: every
+    STOP_SYNC_STEPS steps all processes share their flags and stop together if any has it."""
+    if jax.process_count() == 1:
+      return self.received
+    if step % STOP_SYNC_STEPS:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.received))
+    if np.any(flags) and not self.received:
+      logging.warning("Another process received SIGTERM: stopping together after step %d.",
+                      step)
+    return bool(np.any(flags))
+
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
 
 
 def load_initial_params(config: ml_collections.ConfigDict, model: models.MlpMixer,
@@ -248,14 +272,17 @@ class _Run:
     window_start, window_time = self.start_step, time.time()  # training steps timed since
     try:
       for step in range(self.start_step + 1, self.total_steps + 1):
-        state, step_metrics = step_fn(state, images, labels, orders(step - 1, state.step))
+        # Everything a step needs is already on the devices: a host<->device copy here
+        # would be a slowdown on every step, so it is an error.
+        with jax.transfer_guard("disallow"):
+          state, step_metrics = step_fn(state, images, labels, orders(step - 1, state.step))
         pending.append(step_metrics)
         self.step = step
         if step == self.start_step + 1:  # Keep compilation out of img/s and the ETA.
           jax.block_until_ready(state)
           logging.info("First step (with compilation) took %.1fs.", time.time() - window_time)
           window_start, window_time = step, time.time()
-        is_last, stopping = step == self.total_steps, stop.received
+        is_last, stopping = step == self.total_steps, stop.agreed(step)
         log_due = step % config.log_every_steps == 0 or is_last
         eval_due = step % config.eval_every_steps == 0 or is_last
         save_due = step % config.checkpoint_every_steps == 0 or is_last or stopping
@@ -288,10 +315,11 @@ class _Run:
           status = "stopped"
           break
     finally:
-      # Let a step still running (an exception mid-loop) finish before step_fn is freed:
-      # with dots on oneDNN (runtime.configure_xla_cpu) XLA aborts the process otherwise.
-      with contextlib.suppress(Exception):
-        jax.block_until_ready(state)
+      if jax.default_backend() == "cpu":
+        # Let a step still running (an exception mid-loop) finish before step_fn is freed:
+        # with dots on oneDNN (runtime.configure_xla_cpu) XLA aborts the process otherwise.
+        with contextlib.suppress(Exception):
+          jax.block_until_ready(state)
       writer.close()
       ckpt.close()
       stop.restore()

@@ -75,3 +75,33 @@ def test_keras_peer_has_our_parameter_count():
                         jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
   peer = keras_peer.build(model, 32, 100)
   assert peer.count_params() == sum(x.size for x in jax.tree.leaves(ours))
+
+
+def test_device_check_quick_runs_every_section_and_writes_json(tmp_path):
+  """The accelerator check's own code path, on CPU with tiny shapes (benchmarks/device_check.py)."""
+  out = tmp_path / "check.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"),
+                         "--quick", f"--out={out}"], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["complete"] and report["platform"]["backend"] == "cpu"
+  assert set(report["matmul_peaks"]) == {"bfloat16", "float32"}
+  assert all(p["best_flops"] > 0 for p in report["matmul_peaks"].values())
+  runs = {k: v for k, v in report["jax"].items() if k != "jax_over_best_torch"}
+  assert sorted(runs) == sorted(f"{shape} {form}" for shape in ("Ti/4@32", "S/4@32", "B/16@224")
+                                for form in ("transpose", "batched"))
+  for key, run in runs.items():
+    assert run["img_per_s"] > 0 and run["compile_s"] > 0, (key, run)
+    assert run["token_mixing"] == key.split()[1] and run["dtype"] == "float32"  # auto on CPU
+  # Both forms are the same function: the same loss after the same steps.
+  for shape in ("Ti/4@32", "S/4@32", "B/16@224"):
+    assert runs[f"{shape} transpose"]["loss"] == pytest.approx(runs[f"{shape} batched"]["loss"],
+                                                              rel=1e-3)
+  # The section runs and reports; in --quick's 40 CPU steps the loss has not fallen yet (the
+  # full run's verdict is for the device), so only its shape is checked here.
+  assert len(report["convergence"]["losses"]) == report["convergence"]["steps"] > 0
+  assert isinstance(report["convergence"]["loss_fell"], bool)
+  torch_report = report["torch"]
+  assert "skipped" in torch_report or all(r["img_per_s"] > 0 for r in torch_report.values())

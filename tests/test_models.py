@@ -139,24 +139,48 @@ def test_unknown_override_is_a_clear_error():
     mixer.create_model("S/16", 10, hidden_size=3)
 
 
-def test_token_mixing_equals_dense_over_transposed_tokens():
-  """TokenDense holds nn.Dense's parameters (same init) and computes the same function."""
-  x = jax.random.normal(jax.random.key(0), (3, 16, 24))
-  block = models.MlpBlock(mlp_dim=40, over_tokens=True)
-  params = block.init(jax.random.key(1), x, train=False)
-  reference = models.MlpBlock(mlp_dim=40)  # nn.Dense on (batch, channels, tokens)
-  ref_params = reference.init(jax.random.key(1), jnp.swapaxes(x, 1, 2), train=False)
+def test_both_token_mixing_forms_hold_the_same_parameters_and_compute_the_same_function():
+  """'batched' (TokenDense, for CPU) and 'transpose' (the official form, for GPU/TPU): same
+  tree and initial values, same logits, same gradients of the parameters and the input."""
+  make = lambda form: mixer.create_model("Ti/4", 10, hidden_dim=24, num_blocks=2,
+                                         tokens_mlp_dim=40, channels_mlp_dim=32,
+                                         token_mixing=form)
+  batched, transpose = make("batched"), make("transpose")
+  assert (batched.token_mixing, transpose.token_mixing) == ("batched", "transpose")
+  x = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+  params = batched.init(jax.random.key(1), x)["params"]
+  ref_params = transpose.init(jax.random.key(1), x)["params"]
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_params)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_array_equal(a, b)
-  params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero biases
-  got = block.apply(params, x, train=False)
-  want = jnp.swapaxes(reference.apply(params, jnp.swapaxes(x, 1, 2), train=False), 1, 2)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Perturbed (the head starts at zero, biases too) so that every gradient is non-trivial.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  loss = lambda model: lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+  np.testing.assert_allclose(batched.apply({"params": params}, x),
+                             transpose.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
+  got = jax.grad(loss(batched), argnums=(0, 1))(params, x)
+  want = jax.grad(loss(transpose), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert float(jnp.max(jnp.abs(b))) > 0
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, platform, expected", [
+    ("auto", "cpu", "batched"), ("auto", "gpu", "transpose"), ("auto", "tpu", "transpose"),
+    ("transpose", "cpu", "transpose"), ("batched", "gpu", "batched")])
+def test_token_mixing_auto_is_batched_on_cpu_only(name, platform, expected):
+  assert models.resolve_token_mixing(name, platform) == expected
+
+
+def test_unknown_token_mixing_is_refused():
+  with pytest.raises(ValueError, match="Unknown token_mixing 'einsum'"):
+    mixer.create_model("Ti/4", 10, token_mixing="einsum")
 
 
 @pytest.mark.parametrize("name, platform, expected", [
     ("auto", "cpu", "float32"), ("auto", "gpu", "bfloat16"), ("auto", "tpu", "bfloat16"),
-    ("float16", "gpu", "float16"), ("float32", "tpu", "float32")])
+    ("bfloat16", "cpu", "bfloat16"), ("float32", "tpu", "float32")])
 def test_auto_compute_dtype_is_bfloat16_on_accelerators_only(name, platform, expected):
   assert models.resolve_dtype(name, platform) == expected

@@ -323,7 +323,7 @@ PARENT = """
 import signal, subprocess, sys, threading, time
 sys.path.insert(0, {root!r})
 from mixer import sweep_runner
-signal.signal(signal.SIGTERM, lambda *_: None)  # as _Stopper: the child must not inherit it
+signal.signal(signal.SIGTERM, lambda *_: None)  # as Stopper: the child must not inherit it
 
 def run():  # as run_sweep: a worker thread starts the trial and waits for it
   child = sweep_runner.start_child([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -388,7 +388,7 @@ def test_trial_process_dies_when_the_sweep_is_killed(tmp_path):
 def test_trial_whose_sweep_died_before_it_started_ends_itself():
   # The parent "died" (another pid is its parent) before prctl took effect: no signal would
   # ever come, so the child ends itself at once instead of running on as an orphan, even
-  # though it inherited a SIGTERM handler (the sweep's _Stopper) that would swallow it.
+  # though it inherited a SIGTERM handler (the sweep's Stopper) that would swallow it.
   previous = signal.signal(signal.SIGTERM, lambda *_: None)
   try:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from conftest import run_mock_train, tiny_flags
-from mixer import data
+from conftest import run_mock_train, tiny_config, tiny_flags
+from mixer import config_lib, data
 
 REAL_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                          "shared", "tfds")
@@ -32,6 +32,14 @@ def test_bad_config_is_one_error_line_and_creates_nothing(tmp_path, flags, expec
   proc = run_mock_train(str(workdir), *tiny_flags(), *flags, check=False, timeout=120)
   assert expected in _one_error_line(proc)
   assert not workdir.exists()
+
+
+def test_float16_is_refused_in_one_line_recommending_bfloat16():
+  with pytest.raises(ValueError) as info:
+    config_lib.validate(tiny_config(**{"model.dtype": "float16"}))
+  message = str(info.value)
+  assert message.startswith("config.model.dtype='float16' is invalid: ") and "\n" not in message
+  assert "loss scaling" in message and "use bfloat16" in message
 
 
 def test_mixer_debug_shows_the_traceback(tmp_path):
