@@ -20,12 +20,12 @@ def main(argv):
   runtime.quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from mixer import evaluation, pretrained  # pylint: disable=g-import-not-at-top
+  from mixer import pretrained, saved_runs  # pylint: disable=g-import-not-at-top
   # A bad workdir or checkpoint, an unwritable --out: one line (MIXER_DEBUG=1: the traceback).
   with cli_errors.user_errors():
-    step, config, params = evaluation.restore_params(FLAGS.workdir, FLAGS.checkpoint)
+    step, config, params = saved_runs.restore_params(FLAGS.workdir, FLAGS.checkpoint)
     pretrained.export_npz(params, FLAGS.out)
-  which = "EMA parameters" if evaluation.parameters_used(config) == "ema" else "parameters"
+  which = "EMA parameters" if saved_runs.parameters_used(config) == "ema" else "parameters"
   print(f"Wrote the {which} of step {step} to {FLAGS.out}.")
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import conftest  # pylint: disable=unused-import  (sys.path and XLA flags, as for every test)
-from mixer import checkpoints, evaluation
+from mixer import checkpoints, saved_runs
 
 
 def tree(value):
@@ -217,13 +217,13 @@ def test_evaluation_refuses_a_damaged_step_naming_the_good_ones(tmp_path, monkey
   ckpt = checkpoints.Checkpoints(str(tmp_path), read_only=True)
   with pytest.raises(ValueError, match=r"The checkpoint at step 3 in .*checkpoints is damaged "
                      r"\(checksum mismatch in default/.*\); good steps: \[1, 2\]"):
-    evaluation.restore_checked(ckpt, 3)
-  assert_is_tree(evaluation.restore_checked(ckpt, 2, lambda c, s: abstract()), 2)
+    saved_runs.restore_checked(ckpt, 3)
+  assert_is_tree(saved_runs.restore_checked(ckpt, 2, lambda c, s: abstract()), 2)
   monkeypatch.setattr(ckpt.manager, "restore",
                       lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
   with pytest.raises(ValueError, match=r"The checkpoint at step 2 in .* could not be read "
                      r"\(RuntimeError: boom\); other saved steps: \[1, 3\]"):
-    evaluation.restore_checked(ckpt, 2)
+    saved_runs.restore_checked(ckpt, 2)
   ckpt.close()
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2", "3"]  # evaluation moves nothing
 

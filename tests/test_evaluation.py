@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import (METADATA_DIR, MOCK_EXAMPLES, ROOT, metric_at, read_metrics,
                       sliced_mock_cifar, tiny_config)
-from mixer import checkpoints, data, evaluation, train_lib
+from mixer import checkpoints, data, evaluation, saved_runs, train_lib
 
 REPORT_KEYS = {"workdir", "dataset", "split", "step", "parameters", "eval_flip", "num_examples",
                "top1", "top5", "loss", "ece", "per_class_top1", "per_superclass_top1",
@@ -59,7 +59,7 @@ def test_report_matches_an_independent_computation(run, latest):
   """top-1/top-5/loss recomputed in numpy from plain model.apply (no Evaluator, no padding)."""
   report, split = latest
   from mixer import models  # pylint: disable=g-import-not-at-top
-  step, config, params = evaluation.restore_params(run)
+  step, config, params = saved_runs.restore_params(run)
   model = models.build_model(config, split.num_classes)
   x = np.asarray(split.images, np.float32) / 127.5 - 1.0
   logits = np.asarray(model.apply({"params": params}, x, train=False), np.float64)
@@ -128,11 +128,11 @@ def test_checkpoint_choice(run):
   ckpt.close()
   top1 = {s: metric_at(read_metrics(run), "val/top1", s) for s in (3, 6)}
   assert top1[best] == max(top1.values())
-  step, config, params = evaluation.restore_params(run, "best")
+  step, config, params = saved_runs.restore_params(run, "best")
   assert step == best and config.model.hidden_dim == 32
   assert set(params) >= {"stem", "head", "MixerBlock_0"} and "opt_state" not in params
-  assert evaluation.restore_params(run, 3)[0] == 3
-  assert evaluation.restore_params(run, "latest")[0] == 6
+  assert saved_runs.restore_params(run, 3)[0] == 3
+  assert saved_runs.restore_params(run, "latest")[0] == 6
 
 
 def test_best_without_eval_metrics_falls_back_to_latest(run, tmp_path, caplog):
@@ -140,24 +140,24 @@ def test_best_without_eval_metrics_falls_back_to_latest(run, tmp_path, caplog):
   for step in ("3", "6"):
     shutil.rmtree(os.path.join(workdir, "checkpoints", step, "metrics"))
   with caplog.at_level(logging.WARNING):
-    assert evaluation.restore_params(workdir, "best")[0] == 6
+    assert saved_runs.restore_params(workdir, "best")[0] == 6
   assert "has val/top1" in caplog.text
 
 
 def test_missing_config_or_checkpoint_names_the_workdir(run, tmp_path):
   where = re.escape(str(tmp_path))
   with pytest.raises(FileNotFoundError, match=f"No config.json in {where}.*is empty"):
-    evaluation.restore_params(str(tmp_path))
+    saved_runs.restore_params(str(tmp_path))
   shutil.copy(os.path.join(run, "config.json"), tmp_path)
   with pytest.raises(FileNotFoundError, match=f"No checkpoint in {where}.*holds: config.json"):
-    evaluation.restore_params(str(tmp_path))
+    saved_runs.restore_params(str(tmp_path))
 
 
 def test_missing_step_lists_the_saved_ones(run):
   with pytest.raises(ValueError, match="No checkpoint at step 7 .*saved steps: 3, 6"):
-    evaluation.restore_params(run, 7)
+    saved_runs.restore_params(run, 7)
   with pytest.raises(ValueError, match="'latest', 'best' or a step number, got 'newest'"):
-    evaluation.restore_params(run, "newest")
+    saved_runs.restore_params(run, "newest")
 
 
 def test_config_that_does_not_match_the_checkpoint_lists_mismatches(run, tmp_path):
@@ -171,7 +171,7 @@ def test_config_that_does_not_match_the_checkpoint_lists_mismatches(run, tmp_pat
   with pytest.raises(ValueError, match=r"step 6 .*does not match.*"
                      r"Missing from the checkpoint: MixerBlock_2 \(12 arrays\).*Of another shape.*"
                      r"stem/kernel: checkpoint \(8, 8, 3, 32\) vs model \(8, 8, 3, 48\)"):
-    evaluation.restore_params(workdir)
+    saved_runs.restore_params(workdir)
 
 
 def test_expected_calibration_error_by_hand():
@@ -288,7 +288,7 @@ def test_predict_script_exit_status_and_output(run, tmp_path):
 
 def test_unreadable_checkpoint_is_one_error_line_unless_debugging(run, tmp_path):
   workdir = copy_run(run, tmp_path)
-  item = os.path.join(workdir, "checkpoints", "6", evaluation.CHECKPOINT_ITEM)
+  item = os.path.join(workdir, "checkpoints", "6", saved_runs.CHECKPOINT_ITEM)
   for name in os.listdir(item):  # the arrays are gone, the step directory is still there
     path = os.path.join(item, name)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -318,7 +318,7 @@ def test_export_script_writes_the_published_layout(run, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 3" in proc.stdout
   flat = pretrained.load_npz(out)
-  _, _, params = evaluation.restore_params(run, 3)
+  _, _, params = saved_runs.restore_params(run, 3)
   expected = pretrained.flatten_params(params)
   assert set(flat) == set(expected) and "MixerBlock_0/token_mixing/Dense_0/kernel" in flat
   for key, value in expected.items():

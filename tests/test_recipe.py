@@ -14,7 +14,7 @@ import pytest
 from conftest import (MOCK_EXAMPLES, ROOT, metric_at, read_metrics, sliced_mock_cifar,
                       tiny_config)
 from mixer import (checkpoints, data, evaluation, evaluator, models, optim, parallel, rng_streams,
-                   sweep_summary, train_lib, train_step)
+                   saved_runs, sweep_summary, train_lib, train_step)
 
 RECIPE = {"randaugment_ops": 2, "randaugment_magnitude": 9, "random_erasing": 0.5,
           "ema_decay": 0.9, "eval_flip": True, "train_split": "train[:75%]",
@@ -108,8 +108,8 @@ def test_resume_with_recipe_is_bit_exact(recipe_run, tmp_path):
 
 def test_evaluation_uses_ema_params_and_flip_like_training(recipe_run, mock_cifar):
   workdir, result, state = recipe_run
-  step, config, params = evaluation.restore_params(workdir, 12)
-  assert step == 12 and evaluation.parameters_used(config) == "ema"
+  step, config, params = saved_runs.restore_params(workdir, 12)
+  assert step == 12 and saved_runs.parameters_used(config) == "ema"
   for key, value in flat(params).items():
     np.testing.assert_array_equal(value, flat(state["ema_params"])[key])
   report = evaluation.evaluate_checkpoint(workdir, 12, "test")
@@ -165,13 +165,13 @@ def test_sweep_ranking_prefers_val_and_says_when_on_test():
 def test_evaluation_can_choose_the_trained_params_of_an_ema_run(recipe_run):
   workdir, _, state = recipe_run
   with sliced_mock_cifar():
-    _, _, params = evaluation.restore_params(workdir, 12, "trained")
+    _, _, params = saved_runs.restore_params(workdir, 12, "trained")
     report = evaluation.evaluate_checkpoint(workdir, 12, "test", parameters="trained")
   for key, value in flat(params).items():
     np.testing.assert_array_equal(value, flat(state["params"])[key])
   assert report["parameters"] == "trained" and report["files"][0].endswith("_trained.json")
   with pytest.raises(ValueError, match="kept no EMA parameters"):
-    evaluation.parameters_used(tiny_config(), "ema")
+    saved_runs.parameters_used(tiny_config(), "ema")
 
 
 def test_predict_and_export_use_the_ema_params_and_say_so(recipe_run, tmp_path):
