@@ -14,7 +14,9 @@ Measured (2-core CPU VM, float32, tcmalloc, dots on oneDNN, seed 0, nothing else
 wall time end to end (`time`), median 307 img/s; validation top-1 51.3%. Test top-1 was 34.7%,
 44.0%, 49.7% and 53.4% after 4, 8, 12 and 16 epochs (the last two epochs added nothing).
 Still short of the 55% this config is meant to reach. The previous recipe (Ti/4 with its
-512-wide channel MLP, 13 epochs at 2e-3) reached 52.37% in 55 min 55 s on the same VM.
+512-wide channel MLP, 13 epochs at 2e-3) reached 52.37% in 55 min 55 s on the same VM; two
+more hour runs of this shape (batch 64 at 3e-3 for 19 epochs: 53.32% in 52 min 11 s; 20
+epochs: 53.17% in 53 min 41 s; validation 51.5% and 52.0%) did not separate from it.
 
 Its sweep (docs/cpu_hour_sweep.md: 4-epoch trials ranked on the validation split, with the
 trained and the EMA parameters of each) found that weight EMA at decay 0.999 cost about 10
