@@ -15,6 +15,8 @@ import numpy as np
 
 from mixer import models
 
+import timing  # benchmarks/, on sys.path as for every script here
+
 
 def forward_flops(model: models.MlpMixer, image_size: int) -> dict[str, float]:
   """Forward matmul FLOPs per image, by part."""
@@ -63,7 +65,8 @@ def jax_matmul_peak(platform: str, trials: int = 5, dtype: Any = None,
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n, n)), dtype)
   w = jnp.asarray(rng.standard_normal((n, n)) / np.sqrt(n), dtype)  # keeps |x| stable
-  chain = jax.jit(lambda x, w: jax.lax.fori_loop(0, reps, lambda _, y: y @ w, x))
+  chain = timing.keep_alive(
+      jax.jit(lambda x, w: jax.lax.fori_loop(0, reps, lambda _, y: y @ w, x)))
   chain(x, w).block_until_ready()
   rates = []
   for _ in range(trials):

@@ -53,7 +53,8 @@ class JaxBench:
       return train_step.new_state(params, tx, config.ema_decay)
 
     replicated = parallel.replicated(self.mesh)
-    self.state = jax.jit(create_state, out_shardings=replicated)()
+    self.state = jax.block_until_ready(
+        timing.keep_alive(jax.jit(create_state, out_shardings=replicated))())
     self.num_params = sum(int(x.size) for x in jax.tree.leaves(self.state.params))
     rng = np.random.default_rng(seed)
     shape = (num_examples, config.image_size, config.image_size, 3)
@@ -61,12 +62,12 @@ class JaxBench:
                               rng.integers(0, num_classes, (num_examples,), np.int32))
     self.images = parallel.put_replicated(images, self.mesh)
     self.labels = parallel.put_replicated(labels, self.mesh)
-    self.step_fn = jax.jit(
+    self.step_fn = timing.keep_alive(jax.jit(
         train_step.make_train_step(self.model, tx, config, num_classes, self.mesh),
-        donate_argnums=0, out_shardings=replicated)
+        donate_argnums=0, out_shardings=replicated))
     # Timed steps stay in epoch 0 (the loop recomputes the order once per epoch).
-    # Kept alive: freeing a jitted function while its call runs aborts XLA:CPU under oneDNN.
-    self.orders = data.EpochOrders(config.seed, num_examples, self.batch_size, replicated)
+    self.orders = timing.keep_alive(
+        data.EpochOrders(config.seed, num_examples, self.batch_size, replicated))
     self.order = jax.block_until_ready(self.orders(0, self.state.step))
 
     start = time.perf_counter()
@@ -113,7 +114,8 @@ class EvalBench:
         labels=rng.integers(0, num_classes, (n,), np.int32),
         class_names=[str(i) for i in range(num_classes)])
     self.bench = bench
-    self.evaluator = evaluator.Evaluator(bench.model, split, config.image_size, batch, bench.mesh)
+    self.evaluator = timing.keep_alive(
+        evaluator.Evaluator(bench.model, split, config.image_size, batch, bench.mesh))
     start = time.perf_counter()
     self.evaluator.step.lower(bench.state.params, *self.evaluator.arrays, np.int32(0)).compile()
     self.compile_s = time.perf_counter() - start

@@ -8,6 +8,18 @@ from typing import Any
 import jax
 import numpy as np
 
+# Jitted functions held for the life of the process. On XLA:CPU with dots on oneDNN, freeing
+# one just after its call returned can still abort the process ("Check failed:
+# available_.size() == num_created_", mixer/runtime.py): seen in device_check.py --quick under
+# load, from the matmul chain's fori_loop. A few executables are cheap to keep.
+_KEPT_ALIVE: list[Any] = []
+
+
+def keep_alive(fn: Any) -> Any:
+  """Returns `fn`, never freed while the process runs."""
+  _KEPT_ALIVE.append(fn)
+  return fn
+
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
