@@ -26,7 +26,7 @@ setup(
         "submitit>=1.5,<2",  # sweep.py --launcher=slurm|submitit_local (mixer/sweep_submitit.py)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],  # two workers: 11 min instead of 14.5 on 2 cores
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],  # 2 workers: 11 min, not 14.5, on 2 cores
         # The Makefile picks one by the machine's accelerator (scripts/detect_accelerator.sh).
         "cuda12": ["jax[cuda12]>=0.10,<0.11"],
         "cuda13": ["jax[cuda13]>=0.10,<0.11"],
