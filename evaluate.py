@@ -22,13 +22,14 @@ def main(argv):
   runtime.quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from mixer import evaluation  # pylint: disable=g-import-not-at-top
+  from mixer import evaluation, evaluator  # pylint: disable=g-import-not-at-top
   # A bad workdir, checkpoint or data, a full disk: one line (MIXER_DEBUG=1: the traceback).
   with cli_errors.user_errors():
     report = evaluation.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split,
                                             FLAGS.data_dir, FLAGS.batch_size, FLAGS.parameters)
   how = "EMA parameters" if report["parameters"] == "ema" else "trained parameters"
-  how += ", flip test-time augmentation" if report["eval_flip"] else ""
+  views = evaluator.describe_views(report["eval_flip"], report["eval_shift"])
+  how += f", {views}" if views else ""
   print(f"{report['dataset']}:{report['split']} at step {report['step']} ({how})")
   rows = [("examples", f"{report['num_examples']}"), ("top1", f"{report['top1']:.4f}"),
           ("top5", f"{report['top5']:.4f}"), ("loss", f"{report['loss']:.4f}"),

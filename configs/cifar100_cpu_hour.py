@@ -47,8 +47,9 @@ def get_config(arg=None):
   config.weight_decay = 0.2
   config.warmup_epochs = 1.0
   config.eval_flip = True
+  config.eval_shift = 2  # 10 test-time views: 2-pixel shifts x flips
   config.log_every_steps = 50
-  config.eval_every_steps = 1528  # 4 epochs of 382 steps (and at the end)
+  config.eval_every_steps = 2292  # 6 epochs of 382 steps (and at the end)
   config.checkpoint_every_steps = 382
   return config_lib.apply_arg(config, arg)
 

@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.ema_decay = 0.0  # exponential moving average of the parameters (0 disables).
   c.eval_flip = False  # evaluate on the mean logits of each image and its mirror.
+  # Also average the image moved this many pixels up, down, left and right (black fill, as the
+  # training crops pad): 5 views, 10 with eval_flip. 0 disables.
+  c.eval_shift = 0
 
   c.init_from = config_dict.placeholder(str)  # a published-layout Mixer .npz to fine-tune.
 
@@ -157,6 +160,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0 <= c.randaugment_magnitude <= 10, "randaugment_magnitude", c.randaugment_magnitude,
          "need 0 <= magnitude <= 10")
   _check(0.0 <= c.random_erasing <= 1.0, "random_erasing", c.random_erasing, "need 0 <= p <= 1")
+  _check(isinstance(c.eval_shift, int) and 0 <= c.eval_shift < c.image_size, "eval_shift",
+         c.eval_shift, f"need a whole number of pixels, 0 <= shift < image_size={c.image_size}")
   _check(0.0 <= c.ema_decay < 1.0, "ema_decay", c.ema_decay, "need 0 <= decay < 1")
   _check(c.val_split is None or c.val_split.strip() != "", "val_split", c.val_split,
          "must be a TFDS split such as 'train[98%:]', or None")

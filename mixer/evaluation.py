@@ -103,7 +103,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
   batch = _eval_batch_size(batch_size, config.eval_batch_size, len(eval_split), mesh)
   model = models.build_model(config, num_classes)
   score = evaluator.Evaluator(model, eval_split, config.image_size, batch, mesh,
-                              flip=config.eval_flip)
+                              flip=config.eval_flip, shift=config.eval_shift)
   result = score(params, keep_logits=True)
   probs = softmax(result["logits"])
   predictions = probs.argmax(axis=-1)
@@ -111,7 +111,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
   report: dict[str, Any] = {
       "workdir": os.path.abspath(workdir), "dataset": config.dataset, "split": split,
       "step": step, "parameters": saved_runs.parameters_used(config, parameters),
-      "eval_flip": bool(config.eval_flip),
+      "eval_flip": bool(config.eval_flip), "eval_shift": int(config.eval_shift),
       "num_examples": result["eval/num_examples"],
       "top1": float(result["eval/top1"]), "top5": float(result["eval/top5"]),
       "loss": float(result["eval/loss"]),
@@ -205,7 +205,7 @@ def predict_files(workdir: str, paths: Sequence[str], checkpoint: str | int = "l
     model = models.build_model(config, num_classes)
     logits = evaluator.predict_logits(model, params,
                                       data.to_float(np.stack(images), config.image_size),
-                                      flip=config.eval_flip)
+                                      flip=config.eval_flip, shift=config.eval_shift)
     probs = softmax(jax.device_get(logits))
     ok = [r for r in results if r.error is None]
     for result, row in zip(ok, probs):

@@ -14,18 +14,44 @@ from jax.experimental import multihost_utils
 from mixer import data, metrics, models, parallel
 
 
+def shifted(images: jax.Array, dy: int, dx: int, fill: float = -1.0) -> jax.Array:
+  """Each image moved down by `dy` and right by `dx` pixels (negative: up/left), the uncovered
+  border filled with `fill` (-1.0: black, as the training crops pad)."""
+  n, h, w, c = images.shape
+  p = max(abs(dy), abs(dx))
+  padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=fill)
+  return padded[:, p - dy:p - dy + h, p - dx:p - dx + w, :]
+
+
+def test_time_views(shift: int) -> list[tuple[int, int]]:
+  """(dy, dx) of each view: the image itself, then moved `shift` pixels up, down, left, right."""
+  if shift == 0:
+    return [(0, 0)]
+  return [(0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift)]
+
+
+def describe_views(flip: bool, shift: int) -> str:
+  """'flip test-time augmentation', '10-view test-time augmentation (2-pixel shifts, flips)', ''."""
+  if not shift:
+    return "flip test-time augmentation" if flip else ""
+  views = len(test_time_views(shift)) * (2 if flip else 1)
+  return (f"{views}-view test-time augmentation ({shift}-pixel shifts"
+          f"{', flips' if flip else ''})")
+
+
 def predict_logits(model: models.MlpMixer, params: Any, images: jax.Array,
-                   flip: bool = False) -> jax.Array:
-  """float32 logits of float images; with `flip`, the mean of the image's and its mirror's."""
-  logits = model.apply({"params": params}, images, train=False).astype(jnp.float32)
+                   flip: bool = False, shift: int = 0) -> jax.Array:
+  """float32 logits of float images in [-1, 1], averaged over the test-time views: with `shift`,
+  the image and its four copies moved `shift` pixels; with `flip`, each of those and its mirror."""
+  views = [shifted(images, dy, dx) for dy, dx in test_time_views(shift)]
   if flip:
-    mirrored = model.apply({"params": params}, images[:, :, ::-1, :], train=False)
-    logits = (logits + mirrored.astype(jnp.float32)) / 2
-  return logits
+    views += [v[:, :, ::-1, :] for v in views]
+  logits = [model.apply({"params": params}, v, train=False).astype(jnp.float32) for v in views]
+  return sum(logits[1:], logits[0]) / len(logits)
 
 
 def make_eval_step(model: models.MlpMixer, image_size: int, batch_size: int,
-                   mesh: jax.sharding.Mesh, flip: bool = False,
+                   mesh: jax.sharding.Mesh, flip: bool = False, shift: int = 0,
                    with_logits: bool = False) -> Callable:
   """(params, images, labels, mask, index) -> masked sums of loss/top1/top5/count, and first
   the batch's logits (sharded like the batch) when `with_logits`."""
@@ -33,7 +59,7 @@ def make_eval_step(model: models.MlpMixer, image_size: int, batch_size: int,
     shard = lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharded(mesh))
     images, labels, mask = map(shard, data.eval_batch(all_images, all_labels, all_mask, index,
                                                       batch_size))
-    logits = predict_logits(model, params, data.to_float(images, image_size), flip)
+    logits = predict_logits(model, params, data.to_float(images, image_size), flip, shift)
     loss = metrics.cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
     top5 = metrics.topk_correct(logits, labels, min(5, logits.shape[-1]))
     sums = jnp.stack([jnp.sum(loss * mask), jnp.sum(metrics.topk_correct(logits, labels, 1) * mask),
@@ -46,13 +72,14 @@ class Evaluator:
   """Evaluates params on a whole split, each example exactly once (padded batches + mask).
 
   The batch size is rounded up to a multiple of the device count. Metrics are named
-  `{prefix}/loss`, `{prefix}/top1`, ...; `flip` averages each image's and its mirror's logits.
+  `{prefix}/loss`, `{prefix}/top1`, ...; `flip` and `shift` average the logits of test-time views (predict_logits).
   Only the metric sums are replicated; logits are computed where their examples are and
   leave the devices only when asked for (`keep_logits`).
   """
 
   def __init__(self, model: models.MlpMixer, split: data.Split, image_size: int, batch_size: int,
-               mesh: jax.sharding.Mesh, flip: bool = False, prefix: str = "eval"):
+               mesh: jax.sharding.Mesh, flip: bool = False, shift: int = 0,
+               prefix: str = "eval"):
     self.prefix = prefix
     devices = mesh.devices.size
     batch_size = -(-batch_size // devices) * devices  # padding absorbs the rounding up
@@ -62,7 +89,7 @@ class Evaluator:
     self.num_examples = len(split)
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     step = lambda with_logits: make_eval_step(model, image_size, batch_size, mesh, flip,
-                                              with_logits)
+                                              shift, with_logits)
     self.step = jax.jit(step(False), out_shardings=replicated)
     self.step_with_logits = jax.jit(step(True), out_shardings=(sharded, replicated))
 

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from mixer import (checkpoints, config_guard, config_lib, data, metrics, models, optim, parallel,
                    pretrained, workdir_lock, writers)
-from mixer.evaluator import Evaluator
+from mixer.evaluator import Evaluator, describe_views
 from mixer.progress import Progress, eval_line
 from mixer.train_step import make_train_step, new_state
 
@@ -251,14 +251,15 @@ class _Run:
     logging.info("Mixer %s: %d parameters; %d steps (%d per epoch), batch %d on %d device(s).",
                  config.model.variant, self.num_params, self.total_steps, self.per_epoch,
                  config.batch_size, mesh.devices.size)
-    if config.ema_decay or config.eval_flip:
+    if config.ema_decay or config.eval_flip or config.eval_shift:
       logging.info("Evaluating %s.", " with ".join(filter(None, [
           "the EMA parameters" if config.ema_decay else "the parameters",
-          "flip test-time augmentation" if config.eval_flip else ""])))
+          describe_views(config.eval_flip, config.eval_shift)])))
     train = splits["train"]
     images, labels = (parallel.put_replicated(a, mesh) for a in (train.images, train.labels))
     evaluators = {name: Evaluator(self.model, split, config.image_size, config.eval_batch_size,
-                                  mesh, flip=config.eval_flip, prefix=name)
+                                  mesh, flip=config.eval_flip, shift=config.eval_shift,
+                                  prefix=name)
                   for name, split in splits.items() if name != "train"}
     step_fn = jax.jit(make_train_step(self.model, self.tx, config, train.num_classes, mesh),
                       donate_argnums=0, out_shardings=replicated)

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import (MOCK_EXAMPLES, ROOT, metric_at, read_metrics, sliced_mock_cifar,
                       tiny_config)
-from mixer import (checkpoints, data, evaluation, evaluator, models, optim, parallel, rng_streams,
-                   saved_runs, sweep_summary, train_lib, train_step)
+from mixer import (checkpoints, config_lib, data, evaluation, evaluator, models, optim, parallel,
+                   rng_streams, saved_runs, sweep_summary, train_lib, train_step)
 
 RECIPE = {"randaugment_ops": 2, "randaugment_magnitude": 9, "random_erasing": 0.5,
           "ema_decay": 0.9, "eval_flip": True, "train_split": "train[:75%]",
@@ -131,6 +131,44 @@ def test_flip_tta_is_the_mean_of_both_views(mock_cifar):
   mirror = model.apply({"params": params}, x[:, :, ::-1, :], train=False)
   np.testing.assert_allclose(got, (plain + mirror) / 2, rtol=1e-4, atol=1e-5)
   assert not np.allclose(plain, mirror, atol=1e-4)  # the two views do differ
+
+
+def test_shifted_moves_the_image_and_fills_black():
+  image = jnp.arange(1, 17, dtype=jnp.float32).reshape(1, 4, 4, 1)
+  down_left = np.asarray(evaluator.shifted(image, 1, -2))[0, :, :, 0]
+  np.testing.assert_array_equal(down_left[0], [-1, -1, -1, -1])
+  np.testing.assert_array_equal(down_left[1:, :2], np.asarray(image)[0, :3, 2:, 0])
+  np.testing.assert_array_equal(down_left[1:, 2:], -np.ones((3, 2)))
+
+
+def test_shift_tta_is_the_mean_of_ten_views_cropped_like_training(mock_cifar):
+  """eval_shift=2 with flips: 10 views, each a 2-pixel move of the zero-padded uint8 image
+  (what a training crop at that offset sees), recomputed here without the Evaluator."""
+  config = tiny_config()
+  split = data.load_split(config.dataset, "test")
+  model = models.build_model(config, split.num_classes)
+  params = models.init_params(model, config.image_size, 1)
+  params = jax.tree.map(lambda p: p + 0.01 * jnp.arange(p.size).reshape(p.shape) % 0.3, params)
+  score = evaluator.Evaluator(model, split, config.image_size, 48, parallel.make_mesh(),
+                              flip=True, shift=2)
+  got = score(params, keep_logits=True)["logits"]
+  padded = np.pad(split.images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  size = config.image_size
+  views = []
+  for y, x in ((2, 2), (4, 2), (0, 2), (2, 4), (2, 0)):  # self, up, down, left, right
+    crop = padded[:, y:y + size, x:x + size].astype(np.float32) / 127.5 - 1.0
+    views += [crop, crop[:, :, ::-1]]
+  logits = [np.asarray(model.apply({"params": params}, v, train=False)) for v in views]
+  np.testing.assert_allclose(got, np.mean(logits, axis=0), rtol=1e-4, atol=1e-5)
+  assert not np.allclose(logits[0], logits[2], atol=1e-4)  # a shifted view does differ
+  assert evaluator.describe_views(True, 2) == (
+      "10-view test-time augmentation (2-pixel shifts, flips)")
+
+
+@pytest.mark.parametrize("shift", [-1, 32])
+def test_bad_eval_shift_is_refused(shift):
+  with pytest.raises(ValueError, match=r"config.eval_shift=.* is invalid: need a whole number"):
+    config_lib.validate(tiny_config(eval_shift=shift))
 
 
 def test_overlapping_val_split_is_refused_before_training(mock_cifar, tmp_path):
