@@ -15,6 +15,8 @@ flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's c
 flags.DEFINE_integer("batch_size", None, "Eval batch size (default: the run's eval_batch_size).")
 flags.DEFINE_enum("parameters", "auto", ["auto", "ema", "trained"],
                   "'auto': the run's EMA parameters when it kept them, else the trained ones.")
+flags.DEFINE_bool("single_view", False, "One view per image, without the run's test-time "
+                  "augmentation (eval_flip, eval_shift): the number to compare across codebases.")
 FLAGS = flags.FLAGS
 
 
@@ -26,10 +28,12 @@ def main(argv):
   # A bad workdir, checkpoint or data, a full disk: one line (MIXER_DEBUG=1: the traceback).
   with cli_errors.user_errors():
     report = evaluation.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split,
-                                            FLAGS.data_dir, FLAGS.batch_size, FLAGS.parameters)
+                                            FLAGS.data_dir, FLAGS.batch_size, FLAGS.parameters,
+                                            FLAGS.single_view)
   how = "EMA parameters" if report["parameters"] == "ema" else "trained parameters"
   views = evaluator.describe_views(report["eval_flip"], report["eval_shift"])
   how += f", {views}" if views else ""
+  how += ", one view per image" if FLAGS.single_view else ""
   print(f"{report['dataset']}:{report['split']} at step {report['step']} ({how})")
   rows = [("examples", f"{report['num_examples']}"), ("top1", f"{report['top1']:.4f}"),
           ("top5", f"{report['top5']:.4f}"), ("loss", f"{report['loss']:.4f}"),

@@ -88,10 +88,13 @@ def _eval_batch_size(requested: int | None, default: int, num_examples: int,
 
 def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: str = "test",
                         data_dir: str | None = None, batch_size: int | None = None,
-                        parameters: str = "auto") -> dict[str, Any]:
+                        parameters: str = "auto", single_view: bool = False
+                        ) -> dict[str, Any]:
   """Evaluates one checkpoint on every example of `split` once; writes the report and PNGs.
 
-  Returns the report (as written to JSON) plus `files`, the paths written.
+  With the run's test-time views (eval_flip, eval_shift), or one view per image when
+  `single_view` (the report's files then end in `_single_view`). Returns the report (as
+  written to JSON) plus `files`, the paths written.
   """
   step, config, params = saved_runs.restore_params(workdir, checkpoint, parameters)
   eval_split = data.load_split(config.dataset, split, data_dir or config.data_dir)
@@ -102,8 +105,9 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
   mesh = parallel.make_mesh()
   batch = _eval_batch_size(batch_size, config.eval_batch_size, len(eval_split), mesh)
   model = models.build_model(config, num_classes)
+  flip, shift = (False, 0) if single_view else (bool(config.eval_flip), int(config.eval_shift))
   score = evaluator.Evaluator(model, eval_split, config.image_size, batch, mesh,
-                              flip=config.eval_flip, shift=config.eval_shift)
+                              flip=flip, shift=shift)
   result = score(params, keep_logits=True)
   probs = softmax(result["logits"])
   predictions = probs.argmax(axis=-1)
@@ -111,7 +115,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
   report: dict[str, Any] = {
       "workdir": os.path.abspath(workdir), "dataset": config.dataset, "split": split,
       "step": step, "parameters": saved_runs.parameters_used(config, parameters),
-      "eval_flip": bool(config.eval_flip), "eval_shift": int(config.eval_shift),
+      "eval_flip": flip, "eval_shift": shift,
       "num_examples": result["eval/num_examples"],
       "top1": float(result["eval/top1"]), "top5": float(result["eval/top5"]),
       "loss": float(result["eval/loss"]),
@@ -122,7 +126,8 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', split)}_step{step}"
-                      + ("_trained" if parameters == "trained" and config.ema_decay else ""))
+                      + ("_trained" if parameters == "trained" and config.ema_decay else "")
+                      + ("_single_view" if single_view else ""))
   files = [plots.prediction_grid(eval_split.images[:GRID_IMAGES], eval_split.labels[:GRID_IMAGES],
                                  predictions[:GRID_IMAGES], eval_split.class_names,
                                  f"{stem}_predictions.png")]

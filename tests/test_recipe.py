@@ -212,6 +212,22 @@ def test_evaluation_can_choose_the_trained_params_of_an_ema_run(recipe_run):
     saved_runs.parameters_used(tiny_config(), "ema")
 
 
+def test_single_view_evaluation_drops_the_runs_test_time_views(recipe_run, mock_cifar):
+  """evaluate.py --single_view: one plain view per image of the EMA parameters, its own file."""
+  workdir, _, state = recipe_run
+  report = evaluation.evaluate_checkpoint(workdir, 12, "test", single_view=True)
+  assert not report["eval_flip"] and report["eval_shift"] == 0
+  assert report["files"][0].endswith("test_step12_single_view.json")
+  split = data.load_split("cifar100", "test")
+  model = models.build_model(saved_runs.load_config(workdir), split.num_classes)
+  x = np.asarray(split.images, np.float32) / 127.5 - 1.0
+  logits = np.asarray(model.apply({"params": state["ema_params"]}, x, train=False))
+  np.testing.assert_allclose(report["top1"], np.mean(logits.argmax(-1) == split.labels),
+                             atol=1.5 / len(split.labels))
+  flipped = evaluation.evaluate_checkpoint(workdir, 12, "test")
+  assert flipped["eval_flip"] and flipped["files"][0].endswith("test_step12.json")
+
+
 def test_predict_and_export_use_the_ema_params_and_say_so(recipe_run, tmp_path):
   from mixer import pretrained  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
