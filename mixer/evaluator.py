@@ -17,7 +17,7 @@ from mixer import data, metrics, models, parallel
 def shifted(images: jax.Array, dy: int, dx: int, fill: float = -1.0) -> jax.Array:
   """Each image moved down by `dy` and right by `dx` pixels (negative: up/left), the uncovered
   border filled with `fill` (-1.0: black, as the training crops pad)."""
-  n, h, w, c = images.shape
+  _, h, w, _ = images.shape
   p = max(abs(dy), abs(dx))
   padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=fill)
   return padded[:, p - dy:p - dy + h, p - dx:p - dx + w, :]
