@@ -117,12 +117,18 @@ def test_evaluation_uses_ema_params_and_flip_like_training(recipe_run, mock_cifa
   np.testing.assert_allclose(report["top1"], result.metrics["eval/top1"], atol=1e-6)
 
 
-def test_flip_tta_is_the_mean_of_both_views(mock_cifar):
+def _model_with_distinct_params():
+  """(config, mock test split, model, params) with parameters far from init's symmetries."""
   config = tiny_config()
   split = data.load_split(config.dataset, "test")
   model = models.build_model(config, split.num_classes)
   params = models.init_params(model, config.image_size, 1)
   params = jax.tree.map(lambda p: p + 0.01 * jnp.arange(p.size).reshape(p.shape) % 0.3, params)
+  return config, split, model, params
+
+
+def test_flip_tta_is_the_mean_of_both_views(mock_cifar):
+  config, split, model, params = _model_with_distinct_params()
   score = evaluator.Evaluator(model, split, config.image_size, 48, parallel.make_mesh(),
                               flip=True)
   got = score(params, keep_logits=True)["logits"]
@@ -144,11 +150,7 @@ def test_shifted_moves_the_image_and_fills_black():
 def test_shift_tta_is_the_mean_of_ten_views_cropped_like_training(mock_cifar):
   """eval_shift=2 with flips: 10 views, each a 2-pixel move of the zero-padded uint8 image
   (what a training crop at that offset sees), recomputed here without the Evaluator."""
-  config = tiny_config()
-  split = data.load_split(config.dataset, "test")
-  model = models.build_model(config, split.num_classes)
-  params = models.init_params(model, config.image_size, 1)
-  params = jax.tree.map(lambda p: p + 0.01 * jnp.arange(p.size).reshape(p.shape) % 0.3, params)
+  config, split, model, params = _model_with_distinct_params()
   score = evaluator.Evaluator(model, split, config.image_size, 48, parallel.make_mesh(),
                               flip=True, shift=2)
   got = score(params, keep_logits=True)["logits"]
