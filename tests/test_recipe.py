@@ -1,4 +1,5 @@
 """The recipe machinery around the train step: EMA, flip TTA, validation split, rng streams."""
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -171,6 +172,16 @@ def test_shift_tta_is_the_mean_of_ten_views_cropped_like_training(mock_cifar):
 def test_bad_eval_shift_is_refused(shift):
   with pytest.raises(ValueError, match=r"config.eval_shift=.* is invalid: need a whole number"):
     config_lib.validate(tiny_config(eval_shift=shift))
+
+
+def test_smoke_keeps_the_flip_but_not_the_shifted_views():
+  spec = importlib.util.spec_from_file_location("cpu_hour",
+                                                os.path.join(ROOT, "configs", "cifar100_cpu_hour.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  full, smoke = module.get_config(), module.get_config("smoke")
+  assert (full.eval_shift, full.eval_flip) == (2, True)
+  assert (smoke.eval_shift, smoke.eval_flip, smoke.total_steps) == (0, True, 60)
 
 
 def test_overlapping_val_split_is_refused_before_training(mock_cifar, tmp_path):
