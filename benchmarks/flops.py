@@ -1,8 +1,7 @@
 """Model FLOPs counted from the shapes, XLA's own count, and the device's matmul peak.
 
-Counting convention: a multiply-add is 2 FLOPs; only matmuls (stem conv, the four Dense
-layers of each block, head) count; a training step is 3x the forward matmul FLOPs
-(forward, gradient w.r.t. activations, gradient w.r.t. weights).
+The count from the shapes (and its convention) is the library's: mixer/budget.py, which
+training budgets (`budget_pflop`) use too.
 """
 from __future__ import annotations
 
@@ -13,29 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer import models
+from mixer.budget import forward_flops, train_flops_per_image  # pylint: disable=unused-import
 
 import timing  # benchmarks/, on sys.path as for every script here
-
-
-def forward_flops(model: models.MlpMixer, image_size: int) -> dict[str, float]:
-  """Forward matmul FLOPs per image, by part."""
-  p, c = model.patch_size, model.hidden_dim
-  tokens = (image_size // p) ** 2
-  parts = {
-      "stem": 2.0 * tokens * (p * p * 3) * c,
-      # Dense(tokens -> tokens_mlp_dim) and back, applied to each of the c channels.
-      "token_mixing": model.num_blocks * 2 * (2.0 * c * tokens * model.tokens_mlp_dim),
-      # Dense(c -> channels_mlp_dim) and back, applied to each token.
-      "channel_mixing": model.num_blocks * 2 * (2.0 * tokens * c * model.channels_mlp_dim),
-      "head": 2.0 * c * model.num_classes,
-  }
-  parts["total"] = sum(parts.values())
-  return parts
-
-
-def train_flops_per_image(model: models.MlpMixer, image_size: int) -> float:
-  return 3.0 * forward_flops(model, image_size)["total"]
 
 
 def xla_flops(compiled: Any) -> float | None:

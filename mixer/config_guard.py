@@ -2,7 +2,8 @@
 
 `WORKDIR/config.json` is the run's current config; `WORKDIR/config_history.jsonl` holds
 every version it has had (the first line is the config the run started with), so an accepted
-change never erases the record of what produced the earlier steps.
+change never erases the record of what produced the earlier steps. A `budget_minutes` run also
+records there, once, the length it chose from its measured speed (`budget` in config.json).
 
 Keys that only say how a run is operated (OPERATIONAL_KEYS: where the data is, how often to
 log, evaluate and save, the eval batch size) may change on any resume. Any other difference
@@ -25,6 +26,8 @@ from mixer import config_lib
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
+# config.json's entry for a budget_minutes decision (not a config key: it is measured).
+BUDGET_KEY = "budget"
 OPERATIONAL_KEYS = frozenset({"data_dir", "log_every_steps", "eval_every_steps",
                               "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size"})
 
@@ -108,7 +111,32 @@ def record(config: ml_collections.ConfigDict, workdir: str, step: int,
         f.write(json.dumps(first, sort_keys=True) + "\n")
   with open(history, "a", encoding="utf-8") as f:
     f.write(json.dumps(entry, sort_keys=True) + "\n")
+  budget = read_budget(workdir)
+  _write_config(workdir, {**current, BUDGET_KEY: budget} if budget else current)
+
+
+def _write_config(workdir: str, content: dict[str, Any]) -> None:
   tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(current, f, indent=2, sort_keys=True)
+    json.dump(content, f, indent=2, sort_keys=True)
   os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def read_budget(workdir: str) -> dict[str, Any] | None:
+  """The budget_minutes decision recorded in WORKDIR/config.json, or None."""
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
+      return json.load(f).get(BUDGET_KEY)
+  except (OSError, json.JSONDecodeError, AttributeError):
+    return None
+
+
+def record_budget(workdir: str, step: int, decision: dict[str, Any]) -> None:
+  """Adds a budget decision (measured rates, chosen total_steps) to config.json and history."""
+  with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
+    current = json.load(f)
+  _write_config(workdir, {**current, BUDGET_KEY: decision})
+  entry = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "step": step,
+           BUDGET_KEY: decision}
+  with open(os.path.join(workdir, HISTORY_FILE), "a", encoding="utf-8") as f:
+    f.write(json.dumps(entry, sort_keys=True) + "\n")

@@ -46,6 +46,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 500
   c.num_epochs = 100
   c.total_steps = 0  # > 0 overrides num_epochs.
+  # Compute budgets (0 disables; at most one). Either decides the run's length over num_epochs
+  # and total_steps (mixer/budget.py). budget_pflop: training compute in PFLOP, the same steps
+  # on every machine. budget_minutes: wall time of the whole run, evaluations included; the
+  # steps are chosen once from the step rate measured after compilation and recorded in
+  # config.json, so a resume runs the same steps.
+  c.budget_pflop = 0.0
+  c.budget_minutes = 0.0
   c.optimizer = "adamw"
   c.learning_rate = 1e-3
   c.momentum = 0.9  # sgd only.
@@ -103,6 +110,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
 def shrink_to_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """60 steps of batch 64 of a Ti-sized Mixer at (at most) 32x32: the recipe, not its cost."""
   config.total_steps = 60
+  config.budget_pflop = config.budget_minutes = 0.0
   config.batch_size = 64
   config.eval_batch_size = 500
   config.warmup_epochs = 0.0
@@ -117,6 +125,10 @@ def shrink_to_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   # 10 views on 2 CPU cores); they have their own tests, the smoke run keeps only the flip.
   config.eval_shift = 0
   return config
+
+
+def budget_set(c: ml_collections.ConfigDict) -> bool:
+  return bool(c.budget_pflop or c.budget_minutes)
 
 
 def _check(ok: bool, key: str, value, why: str) -> None:
@@ -149,8 +161,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c[key] >= 1, key, c[key], "must be >= 1")
   _check(c.batch_size % c.grad_accum_steps == 0, "grad_accum_steps", c.grad_accum_steps,
          f"must divide batch_size={c.batch_size}")
-  _check(c.total_steps > 0 or c.num_epochs > 0, "num_epochs", c.num_epochs,
-         "must be > 0 unless total_steps > 0")
+  _check(c.total_steps >= 0, "total_steps", c.total_steps, "must be >= 0 (0: use num_epochs)")
+  _check(c.total_steps > 0 or c.num_epochs > 0 or budget_set(c), "num_epochs", c.num_epochs,
+         "must be > 0 unless total_steps or a budget is set")
+  for key in ("budget_pflop", "budget_minutes"):
+    _check(c[key] >= 0, key, c[key], "must be >= 0 (0 disables)")
+  _check(not (c.budget_pflop and c.budget_minutes), "budget_minutes", c.budget_minutes,
+         f"set at most one budget (budget_pflop={c.budget_pflop} is set too)")
   _check(c.optimizer in OPTIMIZERS, "optimizer", c.optimizer, f"expected one of {OPTIMIZERS}")
   _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule", c.lr_schedule,
          f"expected one of {LR_SCHEDULES}")

@@ -110,6 +110,14 @@ class Evaluator:
       result["logits"] = np.concatenate([_to_host(x) for x in logits])[: self.num_examples]
     return result
 
+  def seconds_per_call(self, params: Any, clock: Callable[[], float]) -> float:
+    """What one call costs, from one batch timed after compiling (`clock` in seconds)."""
+    run_batch = lambda: jax.block_until_ready(self.step(params, *self.arrays, np.int32(0)))
+    run_batch()
+    start = clock()
+    run_batch()
+    return (clock() - start) * self.num_batches
+
 
 def _to_host(array: jax.Array) -> np.ndarray:
   """The whole (batch-sharded) array on this host, from every process when there are several."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -19,18 +20,20 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mixer import (checkpoints, config_guard, config_lib, data, metrics, models, optim, parallel,
-                   pretrained, workdir_lock, writers)
+from mixer import (budget, checkpoints, config_guard, config_lib, data, metrics, models, optim,
+                   parallel, pretrained, workdir_lock, writers)
 from mixer.evaluator import Evaluator, describe_views
 from mixer.progress import Progress, eval_line
 from mixer.train_step import make_train_step, new_state
 
 
-RUN_FILE = "run.json"  # the run's status for sweeps and scripts: see RunResult
+RUN_FILE = "run.json"
+_WINDOW_CHUNK = 5  # budget_minutes times training steps in chunks of this many  # the run's status for sweeps and scripts: see RunResult
 
 
 @dataclasses.dataclass
@@ -158,6 +161,36 @@ def _check_workdir(workdir: str) -> None:
         f"{workdir} is in use by another train.py: {workdir_lock.describe(holder)}.")
 
 
+def _from_process_zero(value: int) -> int:
+  """Process 0's `value` on every process (a decision that must not differ between them)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _run_length(config: ml_collections.ConfigDict, workdir: str, num_classes: int,
+                per_epoch: int) -> tuple[int, bool]:
+  """(total_steps, whether budget_minutes still has to measure them: then a provisional
+  length). A budget decides over total_steps, which decides over num_epochs."""
+  if config.budget_pflop:
+    model = models.build_model(config, num_classes, platform="cpu")
+    steps = budget.steps_for_pflop(config.budget_pflop, model, config.image_size,
+                                   config.batch_size)
+    logging.info("budget_pflop=%g: %d steps (%.1f epochs) at %.3g MFLOP per training image.",
+                 config.budget_pflop, steps, steps / per_epoch,
+                 budget.train_flops_per_image(model, config.image_size) / 1e6)
+    return steps, False
+  if config.budget_minutes:
+    decided = config_guard.read_budget(workdir) if jax.process_index() == 0 else None
+    steps = _from_process_zero(decided["total_steps"] if decided else 0)
+    if steps:
+      logging.info("budget_minutes: %d steps, decided when the run started (recorded in "
+                   "%s); not measured again.", steps, config_guard.CONFIG_FILE)
+      return steps, False
+    return max(config.total_steps, config.num_epochs * per_epoch, per_epoch), True
+  return (config.total_steps if config.total_steps > 0 else config.num_epochs * per_epoch), False
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        allow_config_change: tuple[str, ...] = ()) -> RunResult:
   """Trains (or resumes) a run in `workdir` to config's end; evaluates it on the way.
@@ -167,6 +200,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   that can be checked (config, workdir, lock, data) is checked before anything is written.
   """
   config_lib.validate(config)
+  if config_lib.budget_set(config):
+    key = "budget_pflop" if config.budget_pflop else "budget_minutes"
+    logging.info("%s=%g decides this run's length (num_epochs=%s and total_steps=%s are not "
+                 "used).", key, config[key], config.num_epochs, config.total_steps)
   mesh = parallel.make_mesh()
   parallel.check_divisible(config.batch_size // config.grad_accum_steps, mesh,
                            "batch_size // config.grad_accum_steps")
@@ -178,8 +215,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     data.check_disjoint(splits["train"], splits["val"], config.train_split, config.val_split)
   splits["eval"] = data.load_split(config.dataset, config.eval_split, config.data_dir)
   per_epoch = data.steps_per_epoch(len(splits["train"]), config.batch_size)
-  total_steps = config.total_steps if config.total_steps > 0 else config.num_epochs * per_epoch
-  optim.check_warmup(config, total_steps, per_epoch)
+  total_steps, to_measure = _run_length(config, workdir, splits["train"].num_classes, per_epoch)
+  if not to_measure:
+    optim.check_warmup(config, total_steps, per_epoch)
   os.makedirs(workdir, exist_ok=True)  # only once the data loaded: a typo creates nothing
   lock = workdir_lock.WorkdirLock(workdir)
   if jax.process_index() == 0:
@@ -195,6 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config_guard.record(config, workdir, run.start_step, changes)
       _save_class_names(splits["train"], workdir)
       metrics.truncate_jsonl(os.path.join(workdir, writers.METRICS_FILE), run.start_step)
+    if to_measure:
+      run.measure_and_plan()
     try:
       result = run.loop(lock)
     except BaseException as e:
@@ -225,6 +265,69 @@ class _Run:
     self.num_params = int(sum(x.size for x in jax.tree.leaves(self.state.params)))
     self.last_eval: dict[str, float] = {}
 
+  @functools.cached_property
+  def device_data(self) -> tuple[jax.Array, jax.Array, data.EpochOrders]:
+    """The training images and labels on the devices, and the epochs' example orders."""
+    train, mesh = self.splits["train"], self.mesh
+    images, labels = (parallel.put_replicated(a, mesh) for a in (train.images, train.labels))
+    return images, labels, data.EpochOrders(self.config.seed, len(train), self.config.batch_size,
+                                            parallel.replicated(mesh))
+
+  @functools.cached_property
+  def evaluators(self) -> dict[str, Evaluator]:
+    config = self.config
+    return {name: Evaluator(self.model, split, config.image_size, config.eval_batch_size,
+                            self.mesh, flip=config.eval_flip, shift=config.eval_shift,
+                            prefix=name)
+            for name, split in self.splits.items() if name != "train"}
+
+  def _step_fn(self):
+    return jax.jit(make_train_step(self.model, self.tx, self.config,
+                                   self.splits["train"].num_classes, self.mesh),
+                   donate_argnums=0, out_shardings=parallel.replicated(self.mesh))
+
+  def _train_step(self, step_fn, state, step: int):
+    """Training step `step` (1-based) from `state`; everything it needs is on the devices."""
+    images, labels, orders = self.device_data
+    # A host<->device copy here would be a slowdown on every step, so it is an error.
+    with jax.transfer_guard("disallow"):
+      return step_fn(state, images, labels, orders(step - 1, state.step))
+
+  def measure_and_plan(self) -> budget.MinutesPlan:
+    """budget_minutes: times training steps (on a copy of the state, then discarded) and an
+    evaluation, fixes total_steps, records the decision and rebuilds the schedule for it."""
+    config, replicated = self.config, parallel.replicated(self.mesh)
+    step_fn = self._step_fn()
+    state = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=replicated)(self.state)
+    started = budget.now()
+    state, _ = self._train_step(step_fn, state, self.start_step + 1)
+    jax.block_until_ready(state)
+    first, steps, window_start = budget.now() - started, 0, budget.now()
+    while True:
+      for _ in range(_WINDOW_CHUNK):
+        state, _ = self._train_step(step_fn, state, self.start_step + 2 + steps)
+        steps += 1
+      jax.block_until_ready(state)
+      elapsed = budget.now() - window_start
+      if elapsed >= budget.WINDOW_SECONDS:
+        break
+    step_s = elapsed / steps
+    eval_s = sum(e.seconds_per_call(self.state.params, budget.now)
+                 for e in self.evaluators.values())
+    plan = budget.plan_minutes(config.budget_minutes, budget.now() - budget.process_start(),
+                               step_s, eval_s, max(first - step_s, 0.0), config.eval_every_steps)
+    del state, step_fn  # both finished (block_until_ready above)
+    total = _from_process_zero(plan.total_steps)
+    logging.info("%s.", plan.describe(config.batch_size, self.per_epoch))
+    optim.check_warmup(config, total, self.per_epoch)
+    if jax.process_index() == 0:
+      config_guard.record_budget(self.workdir, self.start_step,
+                                 dataclasses.asdict(dataclasses.replace(plan, total_steps=total)))
+    self.total_steps = total
+    self.schedule = optim.learning_rate_schedule(config, total, self.per_epoch)
+    self.tx = optim.make_optimizer(config, self.schedule)
+    return plan
+
   def result(self, status: str = "running") -> RunResult:
     return RunResult(status, int(self.step), self.total_steps, self.num_params,
                      {k: float(v) for k, v in self.last_eval.items()})
@@ -246,8 +349,7 @@ class _Run:
 
   def loop(self, lock: workdir_lock.WorkdirLock) -> RunResult:
     """Trains from start_step to total_steps (or SIGTERM), logging, evaluating and saving."""
-    config, mesh, splits = self.config, self.mesh, self.splits
-    replicated = parallel.replicated(mesh)
+    config, mesh = self.config, self.mesh
     logging.info("Mixer %s: %d parameters; %d steps (%d per epoch), batch %d on %d device(s).",
                  config.model.variant, self.num_params, self.total_steps, self.per_epoch,
                  config.batch_size, mesh.devices.size)
@@ -255,15 +357,7 @@ class _Run:
       logging.info("Evaluating %s.", " with ".join(filter(None, [
           "the EMA parameters" if config.ema_decay else "the parameters",
           describe_views(config.eval_flip, config.eval_shift)])))
-    train = splits["train"]
-    images, labels = (parallel.put_replicated(a, mesh) for a in (train.images, train.labels))
-    evaluators = {name: Evaluator(self.model, split, config.image_size, config.eval_batch_size,
-                                  mesh, flip=config.eval_flip, shift=config.eval_shift,
-                                  prefix=name)
-                  for name, split in splits.items() if name != "train"}
-    step_fn = jax.jit(make_train_step(self.model, self.tx, config, train.num_classes, mesh),
-                      donate_argnums=0, out_shardings=replicated)
-    orders = data.EpochOrders(config.seed, len(train), config.batch_size, replicated)
+    evaluators, step_fn = self.evaluators, self._step_fn()
     writer = writers.create_writer(self.workdir)
     progress = Progress(self.total_steps, config.batch_size)
     stop = _StopSignal()
@@ -273,10 +367,7 @@ class _Run:
     window_start, window_time = self.start_step, time.time()  # training steps timed since
     try:
       for step in range(self.start_step + 1, self.total_steps + 1):
-        # Everything a step needs is already on the devices: a host<->device copy here
-        # would be a slowdown on every step, so it is an error.
-        with jax.transfer_guard("disallow"):
-          state, step_metrics = step_fn(state, images, labels, orders(step - 1, state.step))
+        state, step_metrics = self._train_step(step_fn, state, step)
         pending.append(step_metrics)
         self.step = step
         if step == self.start_step + 1:  # Keep compilation out of img/s and the ETA.

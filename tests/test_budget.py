@@ -1,0 +1,127 @@
+"""Compute budgets: budget_pflop's step count, budget_minutes' one decision, bad budgets."""
+import json
+import os
+
+import flax
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_mock_train, tiny_config
+from mixer import budget, config_lib, models, train_lib
+from mixer.checkpoints import Checkpoints
+
+
+def test_budget_pflop_gives_the_step_count_computed_by_hand():
+  # Mixer-Ti/4 at 32px, 100 classes: 64 tokens of 4x4x3 pixels, width 128, 8 blocks, token
+  # MLP 64, channel MLP 512. Forward FLOPs per image (2 per multiply-add):
+  stem = 2 * 64 * 48 * 128
+  token_mixing = 8 * 2 * (2 * 128 * 64 * 64)
+  channel_mixing = 8 * 2 * (2 * 64 * 128 * 512)
+  head = 2 * 128 * 100
+  per_step = 3 * (stem + token_mixing + channel_mixing + head) * 128  # batch 128
+  assert per_step == 58_293_878_784
+  model = models.create_model("Ti/4", 100)
+  assert budget.steps_for_pflop(0.2, model, 32, 128) == 3430 == int(0.2e15 // per_step)
+  assert budget.training_pflop(model, 32, 128, 3430) == pytest.approx(3430 * per_step / 1e15)
+  with pytest.raises(ValueError, match="less than one training step"):
+    budget.steps_for_pflop(1e-5, model, 32, 128)
+
+
+def test_minutes_plan_fits_steps_and_evaluations_in_the_budget():
+  # 60 s - 10 s spent - reserve (10 s + 1% of 60 s) leaves 39.4 s: 141 steps of 0.25 s and
+  # 2 evaluations (steps 100 and 141) of 2 s take 39.25 s; 142 would take 39.5 s.
+  plan = budget.plan_minutes(1.0, elapsed_s=10.0, step_s=0.25, eval_s=2.0, compile_s=0.0,
+                             eval_every=100)
+  assert plan.total_steps == 141
+  assert budget.count_events(141, 100) == 2 and budget.count_events(200, 100) == 2
+  with pytest.raises(ValueError, match="leaves no time to train"):
+    budget.plan_minutes(0.2, elapsed_s=10.0, step_s=0.25, eval_s=2.0, compile_s=0.0,
+                        eval_every=100)
+
+
+def test_budget_pflop_run_trains_that_many_steps(tmp_path, mock_cifar):
+  config = tiny_config(budget_pflop=1e-6, total_steps=12)
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
+  model = models.build_model(config, 100, platform="cpu")
+  expected = budget.steps_for_pflop(1e-6, model, config.image_size, config.batch_size)
+  assert result.total_steps == result.step == expected != 12
+
+
+class FakeClock:
+  """A second passes at every reading; the process started at 0."""
+
+  def __init__(self):
+    self.t = 0.0
+
+  def __call__(self):
+    self.t += 1.0
+    return self.t
+
+
+def _params(workdir):
+  manager = Checkpoints(workdir, read_only=True)
+  step = manager.latest_step()
+  return step, flax.traverse_util.flatten_dict(manager.restore(step)["params"], sep="/")
+
+
+def test_budget_minutes_decides_once_records_and_resumes_exactly(tmp_path, mock_cifar,
+                                                                 monkeypatch):
+  clock = FakeClock()
+  monkeypatch.setattr(budget, "now", clock)
+  monkeypatch.setattr(budget, "process_start", lambda: 0.0)
+  monkeypatch.setattr(budget, "WINDOW_SECONDS", 3.0)
+  overrides = dict(budget_minutes=0.5, eval_every_steps=1000, checkpoint_every_steps=4)
+  workdir = str(tmp_path / "budget")
+  # Stopped (as by SIGTERM) after step 4: the decision is already recorded.
+  monkeypatch.setattr(train_lib._StopSignal, "agreed", lambda self, step: step == 4)
+  stopped = train_lib.train_and_evaluate(tiny_config(**overrides), workdir)
+  assert stopped.status == "stopped" and stopped.step == 4
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    decision = json.load(f)["budget"]
+  # Window: 3 chunks of 5 steps in 3 fake seconds; the first step (compiling) took 1 s.
+  assert decision["step_s"] == pytest.approx(0.2) and decision["compile_s"] == pytest.approx(0.8)
+  replanned = budget.plan_minutes(0.5, decision["elapsed_s"], decision["step_s"],
+                                  decision["eval_s"], decision["compile_s"], 1000)
+  total = decision["total_steps"]
+  assert total == replanned.total_steps > 4 and stopped.total_steps == total
+  with open(os.path.join(workdir, "config_history.jsonl"), encoding="utf-8") as f:
+    history = [json.loads(line) for line in f]
+  assert [h["budget"]["total_steps"] for h in history if "budget" in h] == [total]
+
+  # The resume reads the decision and never measures (the clock would fail it).
+  monkeypatch.setattr(budget, "now", lambda: pytest.fail("measured again on resume"))
+  monkeypatch.setattr(train_lib._StopSignal, "agreed", lambda self, step: False)
+  resumed = train_lib.train_and_evaluate(tiny_config(**overrides), workdir)
+  assert resumed.status == "finished" and resumed.step == total
+  # Bit-exact with a run given total_steps: the timed steps were discarded.
+  plain = str(tmp_path / "plain")
+  train_lib.train_and_evaluate(tiny_config(total_steps=total, eval_every_steps=1000,
+                                           checkpoint_every_steps=4), plain)
+  (step_a, a), (step_b, b) = _params(workdir), _params(plain)
+  assert step_a == step_b == total and a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--config.budget_pflop=0.1", "--config.budget_minutes=5"], "set at most one budget"),
+    (["--config.budget_minutes=-1"], "config.budget_minutes=-1.0 is invalid"),
+    (["--config.budget_pflop=-0.5"], "config.budget_pflop=-0.5 is invalid"),
+    (["--config.total_steps=-5"], "config.total_steps=-5 is invalid"),
+    (["--config.budget_pflop=3e-4", "--config.warmup_epochs=100"], "warmup_epochs=100"),
+])
+def test_bad_budget_is_one_error_line_and_creates_nothing(tmp_path, flags, message):
+  workdir = tmp_path / "run"
+  proc = run_mock_train(workdir, *flags, check=False)
+  assert proc.returncode != 0
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists()
+
+
+def test_smoke_argument_turns_budgets_off():
+  from configs import cifar100_cpu_hour  # pylint: disable=g-import-not-at-top
+  assert cifar100_cpu_hour.get_config().budget_minutes > 0
+  smoke = cifar100_cpu_hour.get_config("smoke")
+  assert not config_lib.budget_set(smoke) and smoke.total_steps == 60
