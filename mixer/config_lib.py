@@ -167,7 +167,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ("budget_pflop", "budget_minutes"):
     _check(c[key] >= 0, key, c[key], "must be >= 0 (0 disables)")
   _check(not (c.budget_pflop and c.budget_minutes), "budget_minutes", c.budget_minutes,
-         f"set at most one budget (budget_pflop={c.budget_pflop} is set too)")
+         f"set at most one budget (budget_pflop={c.budget_pflop} is set too; 0 turns one off)")
   _check(c.optimizer in OPTIMIZERS, "optimizer", c.optimizer, f"expected one of {OPTIMIZERS}")
   _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule", c.lr_schedule,
          f"expected one of {LR_SCHEDULES}")

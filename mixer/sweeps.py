@@ -33,6 +33,7 @@ from mixer import config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(ROOT, "train.py")
 SWEEP_FILE = "sweep.json"
+SEED_KEY = "seed"
 MAX_NAME_CHARS = 160  # well under the usual 255-byte file-name limit
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=-]")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -173,18 +174,36 @@ def flag_value(value: Any) -> str:
 
 
 def trial_name(overrides: Mapping[str, Any]) -> str:
-  """'learning_rate=0.003,model.variant=B-4': keys sorted, unsafe characters replaced.
+  """'learning_rate=0.003,model.variant=B-4,seed=1': keys sorted, `seed` last (replicates of a
+  trial share the name before it), unsafe characters replaced.
 
   Depends only on the overrides, so the same trial gets the same directory in every run.
   """
   if not overrides:
     return "base"
-  parts = [f"{key}={flag_value(overrides[key])}".replace("/", "-") for key in sorted(overrides)]
+  keys = sorted(overrides, key=lambda k: (k == SEED_KEY, k))
+  parts = [f"{key}={flag_value(overrides[key])}".replace("/", "-") for key in keys]
   name = ",".join(_UNSAFE_NAME_CHARS.sub("_", part) for part in parts)
   if len(name) > MAX_NAME_CHARS:
     digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()
     name = f"{name[:MAX_NAME_CHARS - 9]}-{digest[:8]}"
   return name
+
+
+def group_name(overrides: Mapping[str, Any]) -> str:
+  """The name of a trial without its seed: what its replicates share (summaries group by it)."""
+  return trial_name({k: v for k, v in overrides.items() if k != SEED_KEY})
+
+
+def with_seeds(trials: Sequence[Mapping[str, Any]], seeds: int) -> list[dict]:
+  """Each trial `seeds` times, with seed=0..seeds-1 (replicates for intervals)."""
+  if seeds < 1:
+    raise ValueError(f"--seeds={seeds}: need at least 1 replicate per trial.")
+  for i, overrides in enumerate(trials):
+    if SEED_KEY in overrides:
+      raise ValueError(f"trial {i} ({trial_name(overrides)}) sets seed itself; --seeds gives "
+                       "every trial seeds 0..N-1: drop one or the other.")
+  return [{**overrides, SEED_KEY: seed} for overrides in trials for seed in range(seeds)]
 
 
 def _override_flags(overrides: Mapping[str, Any]) -> list[str]:
@@ -277,11 +296,14 @@ def validate_overrides(config: str, overrides: Mapping[str, Any], where: str) ->
 
 def make_sweep(config: str, trials: Sequence[Mapping[str, Any]] | None = None,
                base_overrides: Mapping[str, Any] | None = None,
-               train_script: str = TRAIN_SCRIPT) -> Sweep:
+               train_script: str = TRAIN_SCRIPT, seeds: int | None = None) -> Sweep:
   """Validates every trial of `trials` (None: the config's get_sweep) before anything runs.
 
-  `trials` replaces the config file's get_sweep entirely (the command line wins).
+  `trials` replaces the config file's get_sweep entirely (the command line wins). `seeds`
+  runs each trial with seeds 0..seeds-1 (with_seeds).
   """
+  if seeds is not None and seeds < 1:
+    raise ValueError(f"--seeds={seeds}: need at least 1 replicate per trial.")
   config = absolute_config(config)
   base_overrides = dict(base_overrides or {})
   validate_overrides(config, base_overrides, "base overrides")
@@ -291,6 +313,11 @@ def make_sweep(config: str, trials: Sequence[Mapping[str, Any]] | None = None,
       raise ValueError(f"{config} has no get_sweep(); pass --sweep='key=[v1,v2] ...'.")
   if not trials:
     raise ValueError("The sweep has no trials.")
+  if seeds is not None:
+    if SEED_KEY in base_overrides:
+      raise ValueError("--config.seed and --seeds together: --seeds gives every trial seeds "
+                       "0..N-1; drop one or the other.")
+    trials = with_seeds(trials, seeds)
   named: dict[str, Trial] = {}
   for i, overrides in enumerate(trials):
     trial = Trial(trial_name(overrides), dict(overrides))

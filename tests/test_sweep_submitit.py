@@ -46,7 +46,7 @@ def test_slurm_launcher_without_slurm_is_one_line_and_creates_nothing(tmp_path):
                         timeout=120)
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1] == (
-      "sweep.py: --launcher=slurm needs SLURM (sbatch is not on PATH here); use "
+      "error: --launcher=slurm needs SLURM (sbatch is not on PATH here); use "
       "--launcher=local, or --launcher=submitit_local for the same path locally.")
   assert not workdir.exists()
 

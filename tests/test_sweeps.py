@@ -273,14 +273,14 @@ def test_summary_rows_sorted_by_best_top1_with_all_columns(ran):
     assert row["wall_time_s"] > 0
   assert rows[2]["status"] == "failed" and rows[2]["best_top1"] is None
 
-  with open(os.path.join(ran.workdir, "summary.csv"), encoding="utf-8") as f:
+  with open(os.path.join(ran.workdir, "trials.csv"), encoding="utf-8") as f:
     table = list(csv.DictReader(f))
   assert list(table[0]) == ["trial", "learning_rate", "dataset", *sweep_summary.METRIC_COLUMNS,
                             "error"]
   assert [r["trial"] for r in table] == [r["trial"] for r in rows]
   assert table[2]["best_top1"] == "" and "Unknown dataset" in table[2]["error"]
   markdown = read_text(os.path.join(ran.workdir, "summary.md"))
-  assert "3 trials: 2 finished, 1 failed" in markdown
+  assert "3 runs in 3 group(s) of replicates: 2 finished, 1 failed" in markdown
   assert "| trial | learning_rate | dataset | status |" in markdown
   assert f"| {rows[0]['trial']} | " in markdown and "Unknown dataset" in markdown
   assert os.path.getsize(os.path.join(ran.workdir, "summary.png")) > 10_000
