@@ -45,7 +45,9 @@ def decay_mask(params):
 
 def make_optimizer(config: Config,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW or SGD with momentum; decoupled decay on kernels."""
+  """Global-norm clipping, then AdamW (weight decay decoupled from the gradient, scaled by the
+  learning rate) or SGD with momentum (L2: weight_decay * params added to the gradient before
+  momentum, i.e. coupled); decay applies to kernels only."""
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))

@@ -1,5 +1,6 @@
 """The recipe machinery around the train step: EMA, flip TTA, validation split, rng streams."""
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from conftest import (MOCK_EXAMPLES, ROOT, metric_at, read_metrics, sliced_mock_cifar,
                       tiny_config)
 from mixer import (checkpoints, config_lib, data, evaluation, evaluator, models, optim, parallel,
-                   rng_streams, saved_runs, sweep_summary, train_lib, train_step)
+                   rng_streams, saved_runs, sweep_summary, sweeps, train_lib, train_step)
 
 RECIPE = {"randaugment_ops": 2, "randaugment_magnitude": 9, "random_erasing": 0.5,
           "ema_decay": 0.9, "eval_flip": True, "train_split": "train[:75%]",
@@ -207,10 +208,19 @@ def test_random_streams_are_independent():
   assert len(data_) == len(keys)
 
 
-def test_sweep_ranking_prefers_val_and_says_when_on_test():
+def test_sweep_ranking_prefers_val_and_says_when_on_test(tmp_path):
   with_val = [{"step": 6, "eval/top1": 0.9, "val/top1": 0.1}]
   assert sweep_summary.ranking_metric(with_val) == "val/top1"
   assert sweep_summary.ranking_metric([{"step": 6, "eval/top1": 0.9}]) == "eval/top1"
+  # The summary of trials without a val_split says, in words, that it ranks on test.
+  trial = sweeps.Trial("lr=1", {"learning_rate": 1.0})
+  os.makedirs(tmp_path / trial.name)
+  with open(tmp_path / trial.name / "metrics.jsonl", "w", encoding="utf-8") as f:
+    f.write(json.dumps({"step": 6, "eval/top1": 0.9, "eval/num_examples": 100}) + "\n")
+  sweeps.save_sweep(sweeps.Sweep("c.py", [trial]), str(tmp_path))
+  sweep_summary.summarize(str(tmp_path))
+  with open(tmp_path / "summary.md", encoding="utf-8") as f:
+    assert "Ranked on the TEST split (eval/top1) for 1 trial(s) without a val_split" in f.read()
 
 
 def test_evaluation_can_choose_the_trained_params_of_an_ema_run(recipe_run):
