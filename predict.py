@@ -1,9 +1,11 @@
 """Classifies image files with a trained run: python predict.py --workdir=DIR IMAGE...
 
-Each PNG/JPEG is converted to RGB and resized to the model's input size; prints the top-5
-classes with their probabilities. Unreadable files (missing, undecodable, or more pixels than
-PIL's Image.MAX_IMAGE_PIXELS) are reported and the others still classified; the exit status
-is 1 if any file failed. MIXER_DEBUG=1 shows the traceback of a fatal error.
+Each PNG/JPEG is converted to 8-bit RGB (16-bit grey scaled by 1/257, transparency over
+white; mixer.evaluation.to_rgb) and resized to the model's input size; prints the top-5
+classes with their probabilities. Unreadable files (missing, undecodable, of a mode with no
+defined RGB such as float 'F', or more pixels than PIL's Image.MAX_IMAGE_PIXELS) are reported
+and the others still classified; the exit status is 1 if any file failed. MIXER_DEBUG=1
+shows the traceback of a fatal error.
 """
 import sys
 

@@ -17,6 +17,10 @@ A step whose files differ from its manifest (other bytes, another size, a missin
 list are ignored, and so is a missing `metrics` item (Orbax's per-step metrics, which
 only rank steps for "best": without them the step is still restorable).
 
+A save that fails (a full disk: Orbax's writer thread reports ENOSPC as RESOURCE_EXHAUSTED
+text, raised at the next save or at close) leaves no partial `<step>.orbax-checkpoint-tmp`
+directory: it is removed, and the RuntimeError names the step and the last complete one.
+
 `restore_latest_good` (resuming a run) goes from the newest step down:
   * a proven-damaged step is moved to `WORKDIR/corrupt_checkpoints/` with its manifest,
     and the next older step is tried;
@@ -54,6 +58,7 @@ HASH = "sha256"
 # Orbax's per-step metrics item (CheckpointManager's METRIC_ITEM_NAME): may be missing.
 OPTIONAL_ITEMS = ("metrics",)
 _CHUNK = 1 << 20
+TMP_MARKER = ".orbax-checkpoint-tmp"  # in the name of a step directory Orbax still writes
 
 # A missing file is damage to the step; other OS errors, and these texts, blame the machine.
 _MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
@@ -62,6 +67,8 @@ _ENVIRONMENT_TEXT = ("resource_exhausted", "permission_denied", "unavailable:",
                      "no space left", "disk quota exceeded", "input/output error",
                      "permission denied", "read-only file system", "too many open files",
                      "stale file handle")
+
+CHECKPOINT_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/
 
 
 class CorruptCheckpointError(ValueError):
@@ -123,10 +130,11 @@ class Checkpoints:
   """Saves and restores one pytree (the train state) per step."""
 
   def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     self.checksums_dir = os.path.join(os.path.abspath(workdir), CHECKSUMS_DIR)
     self.read_only = read_only
     self._unmanifested: set[int] = set()  # steps saved here whose manifest is not written yet
+    self._saving: int | None = None  # the step of the latest save started here
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
         policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
@@ -151,7 +159,13 @@ class Checkpoints:
     if metrics is not None and BEST_METRIC not in metrics:
       metrics = None
     self._finish_saved_steps()  # waits for the previous save, as Orbax's save would
-    if self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True):
+    self._saving = step
+    try:
+      saved = self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
+                                force=True)
+    except Exception as e:  # pylint: disable=broad-except  # e.g. a full disk
+      self._raise_save_failed(e)
+    if saved:
       self._unmanifested.add(step)
 
   def restore(self, step: int, abstract_state: Any = None) -> Any:
@@ -194,7 +208,10 @@ class Checkpoints:
 
   def _finish_saved_steps(self) -> None:
     """Waits for async saves; writes manifests of finished steps, drops those of gone steps."""
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # e.g. a full disk
+      self._raise_save_failed(e)
     if self.read_only or jax.process_index() != 0:
       self._unmanifested.clear()
       return
@@ -214,6 +231,36 @@ class Checkpoints:
         if stem.isdigit() and (int(stem) not in steps or ".json.tmp-" in name):
           with contextlib.suppress(FileNotFoundError):  # garbage-collected by Orbax
             os.remove(os.path.join(self.checksums_dir, name))
+
+  def _raise_save_failed(self, error: Exception) -> None:
+    """Removes the partial step directory a failed save left, then raises: for an error of
+    the machine (a full disk, which Orbax reports from its writer thread, I/O, permission)
+    a RuntimeError naming the step and the last complete one; any other error as it is.
+    Complete steps are untouched (Orbax renames a step into place once fully written)."""
+    removed = self._remove_partial_saves()
+    self._unmanifested.discard(self._saving)
+    if environment_error(error) is None:
+      raise error
+    complete = sorted(int(n) for n in os.listdir(self.directory)
+                      if n.isdigit() and os.path.isdir(os.path.join(self.directory, n))
+                      ) if os.path.isdir(self.directory) else []
+    kept = (f"the last complete checkpoint (step {complete[-1]}) is kept" if complete
+            else "no complete checkpoint was saved")
+    cleaned = f"its partial files were removed ({', '.join(removed)}); " if removed else ""
+    # A full disk is named by cli_errors with the file; other causes are told here.
+    why = ("" if "no space left" in str(error).lower()
+           else f" ({type(error).__name__}: {str(error)[:300]})")
+    raise RuntimeError(f"Saving the checkpoint of step {self._saving} in {self.directory} "
+                       f"failed; {cleaned}{kept}{why}.") from error
+
+  def _remove_partial_saves(self) -> list[str]:
+    """Deletes Orbax's temporary step directories (process 0); returns their names."""
+    if self.read_only or jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return []
+    partial = sorted(n for n in os.listdir(self.directory) if TMP_MARKER in n)
+    for name in partial:
+      shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    return partial
 
   def verify(self, step: int) -> bool:
     """True when `step` matches its manifest; False when it has none (unverified).

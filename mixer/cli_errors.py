@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import sys
 from typing import Iterator
 
@@ -37,14 +38,27 @@ def debugging() -> bool:
   return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
 
 
+# TensorStore (Orbax's writer) reports ENOSPC as text: `RESOURCE_EXHAUSTED: ... Failed
+# writing: "<file>": ... No space left on device [os_error_code='28']`.
+_ENOSPC_TEXT = re.compile(rf"No space left on device|os_error_code='?{errno.ENOSPC}\b")
+_FAILED_FILE = re.compile(r'(?:Failed writing|local file):? "([^"]+)"')
+
+
 def _disk_full(e: BaseException) -> OSError | None:
-  seen = set()
+  """The ENOSPC OSError of e's chain; else, for an ENOSPC told as text (the deepest such
+  error of the chain), an OSError made from it with the file it names; or None."""
+  seen, told = set(), None
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
       return e
+    if _ENOSPC_TEXT.search(str(e)):
+      told = e
     e = e.__cause__ or e.__context__
-  return None
+  if told is None:
+    return None
+  files = _FAILED_FILE.findall(str(told))
+  return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), files[-1] if files else None)
 
 
 def message(e: BaseException) -> str:
@@ -85,8 +99,10 @@ def _missing_config_file(argv: list[str]) -> str | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """`app.run(main, flags_parser=cli_errors.parse_flags)`: a bad flag, a missing config file
-  or an unknown `--config.key` is one `error:` line (exit status 2), not a traceback."""
+  """`app.run(main, flags_parser=cli_errors.parse_flags)`: a bad flag, a missing config file,
+  a config-file argument the file refuses (`--config=PATH:foo`) or an unknown `--config.key`
+  (`unknown config key 'a.b' (did you mean 'a.c'?)`) is one `error:` line (exit status 2),
+  not a traceback."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   missing = _missing_config_file(argv)
   if missing and not debugging():
@@ -97,8 +113,64 @@ def parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # pylint: disable=broad-except  # flags and config files raise anything
     if debugging():
       raise
-    text = message(e)
-    if isinstance(e, flags.Error):
-      text += " (--helpshort lists the flags)"
+    text = _config_file_error(e) or _unknown_config_key(e, argv)
+    if text is None:
+      text = message(e)
+      if isinstance(e, flags.Error):
+        text += " (--helpshort lists the flags)"
     sys.stderr.write(f"error: {text}\n")
     sys.exit(2)
+
+
+def _innermost(e: BaseException) -> BaseException:
+  """The first exception of the __cause__/__context__ chain (the one raised first)."""
+  seen = {id(e)}
+  while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
+    seen.add(id(inner))
+    e = inner
+  return e
+
+
+_CONFIG_FILE_ERROR = "Error whilst parsing config file"
+
+
+def _config_file_error(e: BaseException) -> str | None:
+  """`--config=PATH:ARG: <message>` for a ValueError of the config file's get_config (e.g.
+  an unknown ARG), which ml_collections re-raises with the whole traceback in its message."""
+  text = str(e)
+  if _CONFIG_FILE_ERROR not in text:
+    return None
+  inner = _innermost(e)
+  if not isinstance(inner, ValueError) or _CONFIG_FILE_ERROR in str(inner):
+    return None  # a bug in the config file (TypeError, ...): its traceback is the message
+  flag = text.split(_CONFIG_FILE_ERROR, 1)[0].strip().rstrip(":").removeprefix("flag ")
+  return f"{flag or '--config'}: {message(inner)}"
+
+
+def _unknown_config_key(e: BaseException, argv: list[str]) -> str | None:
+  """`unknown config key 'a.b' (did you mean 'a.c'?)` for a `--config.a.b=...` naming no key.
+
+  ml_collections raises the KeyError of the missing name (wrapped, with its own suggestion)."""
+  inner = _innermost(e)
+  if not isinstance(e, (AttributeError, KeyError)) or not isinstance(inner, KeyError):
+    return None
+  name = inner.args[0] if inner.args else None
+  key = _override_path(name, argv) if isinstance(name, str) else None
+  if key is None:
+    return None
+  suggestion = re.search(r'Did you mean "([^"]+)" instead of', str(e))
+  if suggestion is None:
+    return f"unknown config key {key!r} (the keys are declared in mixer/config_lib.py)"
+  parent = key.rpartition(".")[0]
+  close = f"{parent}.{suggestion[1]}" if parent else suggestion[1]
+  return f"unknown config key {key!r} (did you mean {close!r}?)"
+
+
+def _override_path(name: str, argv: list[str]) -> str | None:
+  """'a.b' for `name` 'b' of the first `--config.a.b[.c]=...` in argv holding it."""
+  for arg in argv:
+    match = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+    parts = match[1].split(".") if match else []
+    if name in parts:
+      return ".".join(parts[:parts.index(name) + 1])
+  return None

@@ -140,3 +140,39 @@ def record_budget(workdir: str, step: int, decision: dict[str, Any]) -> None:
            BUDGET_KEY: decision}
   with open(os.path.join(workdir, HISTORY_FILE), "a", encoding="utf-8") as f:
     f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+DEVICES_KEY = "devices"  # config_history.jsonl entries recording the run's device count
+
+
+def record_device_count(workdir: str, step: int, count: int) -> int | None:
+  """Appends the device count to the history when it is new or changed; returns the count
+  recorded before when it differs (a resumed run is then not bit-exact), else None.
+
+  The sharding of each step's batch, hence the order of float reductions, follows the device
+  count: a run resumed on another count continues, but not as an uninterrupted one would.
+  """
+  history = os.path.join(workdir, HISTORY_FILE)
+  previous = None
+  try:
+    with open(history, encoding="utf-8") as f:
+      for line in f:
+        try:
+          entry = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if isinstance(entry, dict) and DEVICES_KEY in entry:
+          previous = entry[DEVICES_KEY]
+  except FileNotFoundError:
+    pass
+  if previous == count:
+    return None
+  entry = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "step": step,
+           DEVICES_KEY: count}
+  changed = previous is not None and step > 0
+  if changed:
+    entry["not_bit_exact"] = (f"resumed at step {step} on {count} device(s), saved on "
+                              f"{previous}: not bit-exact with an uninterrupted run")
+  with open(history, "a", encoding="utf-8") as f:
+    f.write(json.dumps(entry, sort_keys=True) + "\n")
+  return previous if changed else None

@@ -57,6 +57,7 @@ def load_split(dataset: str, split: str, data_dir: str | None = None) -> Split:
   tf.config.set_visible_devices([], "GPU")
   data_dir = resolve_data_dir(data_dir)
   root = data_dir or os.path.expanduser("~/tensorflow_datasets")
+  _check_metadata(dataset, root)
   try:
     ds, info = tfds.load(dataset, split=split, data_dir=data_dir, download=False,
                          batch_size=-1, with_info=True)
@@ -119,6 +120,33 @@ def _not_found_message(dataset: str, split: str, root: str, data_dir: str | None
             "with this TFDS version.")
   first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
   return f"Dataset {dataset!r} split {split!r} could not be read from {where}: {first_line}"
+
+
+def _check_metadata(dataset: str, root: str) -> None:
+  """Raises DatasetNotFoundError when the version directory TFDS will read exists without its
+  dataset_info.json (e.g. only the tfrecords were copied): TFDS then finds no splits."""
+  version_dir = _version_dir(dataset, root)
+  if version_dir is None or not os.path.isdir(version_dir):
+    return
+  info = os.path.join(version_dir, "dataset_info.json")
+  if not os.path.isfile(info):
+    raise DatasetNotFoundError(
+        f"{version_dir} has no dataset_info.json ({_listing(version_dir)}), so TFDS cannot "
+        "read it: copy the whole directory from where the dataset was prepared (with "
+        "dataset_info.json and features.json), or rebuild it with `tfds build`.")
+
+
+def _version_dir(dataset: str, root: str) -> str | None:
+  """root/NAME[/CONFIG]/VERSION for 'NAME[/CONFIG][:VERSION]' (VERSION: this TFDS's)."""
+  name, _, version = dataset.partition(":")
+  version = version or _expected_version(name)
+  return os.path.join(root, *name.split("/"), version) if version else None
+
+
+def _listing(directory: str) -> str:
+  names = sorted(os.listdir(directory))
+  shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+  return f"it holds: {shown}" if names else "it is empty"
 
 
 def _corrupt_message(dataset: str, split: str, root: str, error: Exception) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import struct
@@ -141,13 +142,23 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
     known = predicted_coarse >= 0
     files.append(plots.confusion_matrix(coarse[known], predicted_coarse[known], names,
                                         f"{stem}_superclass_confusion.png"))
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.isfile(metrics_path):
-    files.append(plots.training_curves(metrics.read_jsonl(metrics_path),
-                                       os.path.join(out_dir, "training_curves.png")))
+  files += _training_curves(os.path.join(workdir, "metrics.jsonl"), out_dir)
   with open(f"{stem}.json", "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
   return dict(report, files=[f"{stem}.json"] + files)
+
+
+def _training_curves(metrics_path: str, out_dir: str) -> list[str]:
+  """[the plot of the run's metrics.jsonl], or [] when it has none or cannot be read: the
+  evaluation does not depend on it."""
+  if not os.path.isfile(metrics_path):
+    return []
+  try:
+    rows = metrics.read_jsonl(metrics_path)
+  except ValueError as e:
+    logging.warning("No training curves: %s", e)
+    return []
+  return [plots.training_curves(rows, os.path.join(out_dir, "training_curves.png"))]
 
 
 @dataclasses.dataclass
@@ -162,18 +173,73 @@ class ImageTooLarge(ValueError):
   """More pixels than PIL's Image.MAX_IMAGE_PIXELS: possibly a decompression bomb."""
 
 
+class UnsupportedImageMode(ValueError):
+  """A PIL image mode with no defined mapping to 8-bit RGB (float 'F', 'LAB', ...)."""
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_RGB_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
+
+
+def _integer_grey(image: Image.Image) -> Image.Image:
+  """16-bit grey ('I;16*', or 'I' with values above 255) scaled by 1/257 to 8 bits; 'I' with
+  values in 0..255 is taken as 8-bit."""
+  values = np.asarray(image).astype(np.float64)
+  low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+  if low < 0 or high > 65535:
+    raise UnsupportedImageMode(f"image mode {image.mode!r} with values {low}..{high}, outside "
+                               "0..65535, has no defined brightness; save it as 8- or 16-bit")
+  if image.mode in _SIXTEEN_BIT_MODES or high > 255:
+    values = values / 257.0
+  return Image.fromarray(np.round(values).astype(np.uint8), "L").convert("RGB")
+
+
+def _over_white(image: Image.Image) -> Image.Image:
+  """An image with transparency as RGB, composited over a white background."""
+  rgba = np.asarray(image.convert("RGBA"), np.float64)
+  alpha = rgba[..., 3:] / 255.0
+  rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+  return Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """8-bit RGB of a decoded image, whatever its mode.
+
+  16-bit grey is scaled by 1/257 (PIL's own convert clips it: any value above 255 became
+  white); transparency (an alpha band or a PNG transparent colour) is composited over white;
+  CMYK, YCbCr, HSV, palette and 1-bit images are converted by PIL. Raises
+  UnsupportedImageMode for modes without a defined 8-bit range: float 'F' (0..1 or 0..255
+  or anything), 'LAB', 32-bit integer values outside 0..65535.
+  """
+  mode = image.mode
+  if mode in _SIXTEEN_BIT_MODES or mode == "I":
+    return _integer_grey(image)
+  if mode in _ALPHA_MODES or (mode in _RGB_MODES and "transparency" in image.info):
+    try:
+      return _over_white(image)
+    except ValueError as e:  # PIL converts some alpha modes ('La') to nothing else
+      raise UnsupportedImageMode(f"image mode {mode!r} cannot be converted to RGB ({e})") from e
+  if mode in _RGB_MODES:
+    return image.convert("RGB")
+  what = "32-bit float, no defined range" if mode == "F" else "not convertible to RGB here"
+  raise UnsupportedImageMode(f"image mode {mode!r} ({what}) is not supported; save the image "
+                             "as 8-bit RGB or greyscale (or 16-bit greyscale)")
+
+
 def load_image(path: str, image_size: int) -> np.ndarray:
-  """uint8 (image_size, image_size, 3): RGB, resized (not cropped) with PIL.
+  """uint8 (image_size, image_size, 3): RGB (see to_rgb), resized (not cropped) with PIL.
 
   Raises FileNotFoundError or IsADirectoryError for a bad path, ImageTooLarge for an image
   of more than Image.MAX_IMAGE_PIXELS pixels (PIL only warns below twice that; refused here
-  before decoding anything), else OSError or ValueError for a file PIL cannot decode.
+  before decoding anything), UnsupportedImageMode for a mode to_rgb refuses, else OSError
+  or ValueError for a file PIL cannot decode.
   """
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("error", Image.DecompressionBombWarning)
       with Image.open(path) as image:
-        rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+        rgb = to_rgb(image).resize((image_size, image_size), Image.Resampling.BILINEAR)
   # Neither is an OSError: DecompressionBombError is an Exception, the warning a RuntimeWarning.
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     raise ImageTooLarge(f"too large to decode ({e})") from e
@@ -202,7 +268,7 @@ def predict_files(workdir: str, paths: Sequence[str], checkpoint: str | int = "l
       results.append(FilePrediction(path, [], "no such file"))
     except IsADirectoryError:
       results.append(FilePrediction(path, [], "is a directory, not an image"))
-    except ImageTooLarge as e:
+    except (ImageTooLarge, UnsupportedImageMode) as e:
       results.append(FilePrediction(path, [], str(e)))
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
       results.append(FilePrediction(path, [], f"not a readable image ({e})"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Mapping
 
@@ -29,15 +30,30 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def truncate_jsonl(path: str, after_step: int) -> None:
-  """Drops rows logged after `after_step` (they are re-run after a resume)."""
+  """Drops rows logged after `after_step` (they are re-run after a resume), and a torn last
+  line (see read_jsonl)."""
   if not os.path.exists(path):
     return
-  with open(path, encoding="utf-8") as f:
-    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= after_step]
+  rows = [row for row in read_jsonl(path) if row["step"] <= after_step]
   with open(path, "w", encoding="utf-8") as f:
-    f.writelines(rows)
+    f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def read_jsonl(path: str) -> list[dict[str, float]]:
+  """The rows of a metrics.jsonl. A last line that is not JSON is dropped with a warning:
+  it is what a process killed while writing it leaves. A bad line before the last is
+  corruption: ValueError naming the file and the line."""
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+  rows = []
+  for i, (number, line) in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i < len(lines) - 1:
+        raise ValueError(f"{path} line {number} is not JSON ({e.msg}, column {e.colno}) and "
+                         "is not the last line: the file is corrupt. Delete or repair that "
+                         "line.") from None
+      logging.warning("Dropping the last line of %s (line %d): it is not JSON (%s), as a "
+                      "process killed while writing it leaves it.", path, number, e.msg)
+  return rows

@@ -18,7 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mixer import checkpoints, config_lib, data, models, parallel, pretrained
+from mixer import checkpoints, config_guard, config_lib, data, models, parallel, pretrained
 
 CLASS_NAMES_FILE = "class_names.json"
 # CheckpointManager stores its single item under this name inside each step's directory.
@@ -41,8 +41,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No config.json in {workdir} ({_contents(workdir)}); "
                             "--workdir must be a training run's directory.")
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
+  saved = _read_config_json(path, workdir)
 
   def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
@@ -52,6 +51,24 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return out
 
   return ml_collections.ConfigDict(merge(config_lib.base_config().to_dict(), saved))
+
+
+def _read_config_json(path: str, workdir: str) -> dict[str, Any]:
+  """The JSON object in `path`; ValueError naming the file and what to do when it is not one."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    problem = f"is not valid JSON ({e})"
+  else:
+    if isinstance(saved, dict):
+      return saved
+    problem = f"holds a {type(saved).__name__}, not a JSON object"
+  history = os.path.join(workdir, config_guard.HISTORY_FILE)
+  hint = (f" (the last entry of {history} with a \"config\" key holds it)"
+          if os.path.isfile(history) else "")
+  raise ValueError(f"{path} {problem}: it records the config the run in {workdir} was "
+                   f"trained with. Restore it from a copy{hint}.")
 
 
 def resolve_step(ckpt: checkpoints.Checkpoints, workdir: str, checkpoint: str | int) -> int:

@@ -9,8 +9,10 @@ SIGTERM or Ctrl-C asks every running trial to save a checkpoint and stop ('stopp
 
 No orphans: on Linux each train.py gets SIGTERM (save, then exit) when the sweep dies, even
 by SIGKILL (`start_child`). A trial left 'running' by a dead sweep is run again (resumed)
-unless its train.py still holds DIR/<trial>/lock.json (`running_elsewhere`): then it is
-skipped with status 'running', and the sweep does not count as done.
+unless its train.py still holds DIR/<trial>/lock.json, or another live sweep process holds
+its claim DIR/<trial>/sweep_lock.json (taken before train.py starts; `running_elsewhere`):
+then it is skipped with status 'running', its trial.json untouched, and the sweep does not
+count as done.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +38,8 @@ from typing import Any, Callable, Mapping
 from mixer import sweeps, workdir_lock
 
 TRIAL_FILE = "trial.json"
+# DIR/<trial>/sweep_lock.json: the sweep process running the trial (a workdir_lock lock).
+CLAIM_FILE = "sweep_lock.json"
 LOG_FILE = "train.log"
 STATUSES = ("pending", "running", "finished", "failed", "stopped")
 RUN_FILE = "run.json"  # train_lib.RunResult as train.py last wrote it (status, num_params, ...)
@@ -200,13 +205,35 @@ def start_child(command: list[str], **popen_kwargs: Any) -> subprocess.Popen:
 
 
 def running_elsewhere(trial_dir: str) -> dict[str, Any] | None:
-  """The lock of a train.py that still holds the trial's workdir, else None.
+  """The lock of a train.py that still holds the trial's workdir, or the claim of another
+  live sweep process that runs the trial (CLAIM_FILE), else None.
 
   Such a trial was started by another sweep (alive, or killed while its train.py lives
-  on): starting a second writer would corrupt the run, so the sweep leaves it alone.
+  on): starting a second writer would corrupt the run, so the sweep leaves it alone. The
+  claim covers the seconds before the trial's train.py takes its own lock.
   """
   info = workdir_lock.read_lock(trial_dir)
-  return info if info is not None and workdir_lock.holder_alive(info) else None
+  if info is not None and workdir_lock.holder_alive(info):
+    return info
+  claim = workdir_lock.read_lock(trial_dir, CLAIM_FILE)
+  if claim is None or not workdir_lock.holder_alive(claim) or _is_this_process(claim):
+    return None
+  return claim
+
+
+def _is_this_process(info: Mapping[str, Any]) -> bool:
+  return info.get("pid") == os.getpid() and info.get("host") == socket.gethostname()
+
+
+def _claim(trial_dir: str) -> workdir_lock.WorkdirLock | None:
+  """This sweep's claim on a trial (released when it ends), or None when another live
+  sweep process holds it."""
+  claim = workdir_lock.WorkdirLock(trial_dir, CLAIM_FILE)
+  try:
+    claim.acquire()
+  except workdir_lock.WorkdirLocked:
+    return None
+  return claim
 
 
 def _now() -> str:
@@ -247,7 +274,8 @@ def run_trial(sweep: sweeps.Sweep, trial: sweeps.Trial, workdir: str,
   trial_dir = os.path.join(workdir, trial.name)
   os.makedirs(trial_dir, exist_ok=True)
   command = sweeps.trial_command(sweep, trial, workdir)
-  state = read_state(trial_dir) or {"attempts": 0, "wall_time_s": 0.0}
+  before = read_state(trial_dir)
+  state = dict(before or {"attempts": 0, "wall_time_s": 0.0})
   state.update(name=trial.name, overrides=trial.overrides, command=shlex.join(command),
                status="running", returncode=None, error=None, error_line=None, started=_now(),
                ended=None,
@@ -272,6 +300,15 @@ def run_trial(sweep: sweeps.Sweep, trial: sweeps.Trial, workdir: str,
   with open(log_path, encoding="utf-8", errors="replace") as f:
     f.seek(offset)
     output = f.read()
+  holder = running_elsewhere(trial_dir) if proc.returncode else None
+  if holder is not None and holder.get("pid") != proc.pid:
+    # Its train.py found the workdir taken by a writer started elsewhere meanwhile: the
+    # trial is that writer's, so its trial.json goes back to what it was, not "failed".
+    logging.warning("Trial %s: running elsewhere (%s); left to it.", trial.name,
+                    workdir_lock.describe(holder))
+    if before is not None:
+      write_state(trial_dir, before)
+    return dict(before or state, status="running")
   state.update(_outcome(proc.returncode, output, bool(stopper and stopper.requested),
                         read_run(trial_dir).get("status")),
                returncode=proc.returncode, ended=_now(),
@@ -324,13 +361,19 @@ def run_sweep(sweep: sweeps.Sweep, workdir: str, parallel: int = 1,
     try:
       if stopper.requested:
         return {"status": "pending"}
-      holder = running_elsewhere(os.path.join(workdir, trial.name))
-      if holder is not None:  # started by another sweep while this one waited for a slot
+      trial_dir = os.path.join(workdir, trial.name)
+      holder = running_elsewhere(trial_dir)
+      claim = _claim(trial_dir) if holder is None else None
+      if claim is None:  # started by another sweep while this one waited for a slot
+        holder = holder or workdir_lock.read_lock(trial_dir, CLAIM_FILE) or {}
         logging.warning("Trial %s: started elsewhere meanwhile (%s); skipped.", trial.name,
                         workdir_lock.describe(holder))
         return {"status": "running"}
       logging.info("Trial %s: starting (%s).", trial.name, device_env or "cpu")
-      state = run_trial(sweep, trial, workdir, device_env, env, stopper)
+      try:
+        state = run_trial(sweep, trial, workdir, device_env, env, stopper)
+      finally:
+        claim.release()
       scores = {k: v for k, v in read_run(os.path.join(workdir, trial.name)).get(
           "metrics", {}).items() if k.endswith("/top1")}
       result = "".join(f", {k} {v:.4f}" for k, v in sorted(scores.items(), reverse=True))

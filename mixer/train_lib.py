@@ -91,22 +91,31 @@ STOP_SYNC_STEPS = 10
 
 
 class _StopSignal:
-  """Records SIGTERM (or SIGUSR2, a scheduler's usual time-limit warning) so that the loop can
-  finish its step, save and exit cleanly."""
+  """Records SIGTERM (or SIGUSR2, a scheduler's usual time-limit warning, or SIGINT: Ctrl-C)
+  so that the loop can finish its step, save and exit cleanly. A second Ctrl-C gets Python's
+  default handling (KeyboardInterrupt: abort at once, unsaved)."""
 
-  SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+  SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
   def __init__(self):
     self.received = False
+    self.name = "SIGTERM"  # of the signal received (SIGTERM when another process got one)
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+      # A SIGINT ignored on purpose (e.g. `nohup ... &`) stays ignored.
+      signals = [s for s in self.SIGNALS
+                 if s != signal.SIGINT or signal.getsignal(s) is not signal.SIG_IGN]
+      self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("%s received: finishing the current step, then saving.",
-                    signal.Signals(signum).name)
-    self.received = True
+    again = ""
+    if signum == signal.SIGINT:
+      signal.signal(signum, self._previous[signum] or signal.SIG_DFL)  # the next one aborts
+      again = " (Ctrl-C again to abort without saving)"
+    logging.warning("%s received: finishing the current step, then saving%s.",
+                    signal.Signals(signum).name, again)
+    self.received, self.name = True, signal.Signals(signum).name
 
   def agreed(self, step: int) -> bool:
     """Whether to stop after `step`. One process: once SIGTERM came. Several: every
@@ -159,6 +168,26 @@ def _check_workdir(workdir: str) -> None:
   if holder and workdir_lock.holder_alive(holder) and holder.get("pid") != os.getpid():
     raise workdir_lock.WorkdirLocked(
         f"{workdir} is in use by another train.py: {workdir_lock.describe(holder)}.")
+
+
+def _warn_on_device_change(workdir: str, step: int, devices: int) -> None:
+  """Records the device count; a resume on another count is warned of (and recorded)."""
+  before = config_guard.record_device_count(workdir, step, devices)
+  if before is not None:
+    logging.warning("Resuming at step %d on %d device(s), the checkpoint was written on %d: "
+                    "the resumed run will not be bit-exact with an uninterrupted one (recorded "
+                    "in %s).", step, devices, before, config_guard.HISTORY_FILE)
+
+
+def _initial_params(config: ml_collections.ConfigDict, workdir: str, num_classes: int,
+                    mesh: jax.sharding.Mesh) -> Any:
+  """config.init_from's parameters, loaded and checked before the workdir is created (a bad
+  file creates nothing); None without init_from or when the run has checkpoints to resume."""
+  ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  if not config.init_from or (os.path.isdir(ckpt_dir) and any(
+      name.isdigit() for name in os.listdir(ckpt_dir))):
+    return None
+  return load_initial_params(config, models.build_model(config, num_classes), mesh)
 
 
 def _from_process_zero(value: int) -> int:
@@ -218,12 +247,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   total_steps, to_measure = _run_length(config, workdir, splits["train"].num_classes, per_epoch)
   if not to_measure:
     optim.check_warmup(config, total_steps, per_epoch)
+  initial_params = _initial_params(config, workdir, splits["train"].num_classes, mesh)
   os.makedirs(workdir, exist_ok=True)  # only once the data loaded: a typo creates nothing
   lock = workdir_lock.WorkdirLock(workdir)
   if jax.process_index() == 0:
     lock.acquire()
   try:
-    run = _Run(config, workdir, mesh, splits, total_steps, per_epoch)
+    run = _Run(config, workdir, mesh, splits, total_steps, per_epoch, initial_params)
     if run.start_step >= total_steps:
       logging.info("Run in %s already finished (step %d of %d); nothing to do.", workdir,
                    run.start_step, total_steps)
@@ -231,6 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return dataclasses.replace(run.result(), status="already_finished")
     if jax.process_index() == 0:
       config_guard.record(config, workdir, run.start_step, changes)
+      _warn_on_device_change(workdir, run.start_step, mesh.devices.size)
       _save_class_names(splits["train"], workdir)
       metrics.truncate_jsonl(os.path.join(workdir, writers.METRICS_FILE), run.start_step)
     if to_measure:
@@ -252,8 +283,10 @@ class _Run:
   """A run's model, optimizer and state (restored or new), and its training loop."""
 
   def __init__(self, config, workdir: str, mesh: jax.sharding.Mesh,
-               splits: dict[str, data.Split], total_steps: int, per_epoch: int):
+               splits: dict[str, data.Split], total_steps: int, per_epoch: int,
+               initial_params: Any = None):
     self.config, self.workdir, self.mesh, self.splits = config, workdir, mesh, splits
+    self.initial_params = initial_params  # from init_from, when the run starts now
     self.total_steps, self.per_epoch = total_steps, per_epoch
     num_classes = splits["train"].num_classes
     self.model = models.build_model(config, num_classes)
@@ -343,7 +376,9 @@ class _Run:
       logging.info("Resuming from the checkpoint at step %d.", restored[0])
       return restored
     if config.init_from:
-      params = load_initial_params(config, self.model, self.mesh)
+      params = self.initial_params
+      if params is None:  # checkpoints were there, but none could be restored
+        params = load_initial_params(config, self.model, self.mesh)
       return 0, jax.jit(state_from, out_shardings=replicated)(params)
     return 0, jax.jit(create, out_shardings=replicated)()
 
@@ -402,8 +437,8 @@ class _Run:
         if log_due or eval_due or save_due:
           window_start, window_time = step, time.time()
         if stopping and not is_last:
-          logging.warning("Stopped by SIGTERM after step %d, checkpoint saved; run the same "
-                          "command to resume.", step)
+          logging.warning("Stopped by %s after step %d, checkpoint saved; run the same "
+                          "command to resume.", stop.name, step)
           status = "stopped"
           break
     finally:

@@ -29,14 +29,14 @@ class WorkdirLocked(RuntimeError):
   """Another live process holds the workdir."""
 
 
-def _path(workdir: str) -> str:
-  return os.path.join(workdir, LOCK_FILE)
+def _path(workdir: str, lock_file: str = LOCK_FILE) -> str:
+  return os.path.join(workdir, lock_file)
 
 
-def read_lock(workdir: str) -> dict[str, Any] | None:
+def read_lock(workdir: str, lock_file: str = LOCK_FILE) -> dict[str, Any] | None:
   """The lock's content ({host, pid, start_time, heartbeat}), or None when unlocked/unreadable."""
   try:
-    with open(_path(workdir), encoding="utf-8") as f:
+    with open(_path(workdir, lock_file), encoding="utf-8") as f:
       info = json.load(f)
   except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
     return None
@@ -69,11 +69,13 @@ def describe(info: dict[str, Any]) -> str:
 
 
 class WorkdirLock:
-  """Holds `WORKDIR/lock.json` from `acquire()` to `release()`; `heartbeat()` at log steps."""
+  """Holds `WORKDIR/lock.json` from `acquire()` to `release()`; `heartbeat()` at log steps.
 
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    self.path = _path(workdir)
+  `lock_file` names another lock in the same directory (a sweep's claim on a trial)."""
+
+  def __init__(self, workdir: str, lock_file: str = LOCK_FILE):
+    self.workdir, self.lock_file = workdir, lock_file
+    self.path = _path(workdir, lock_file)
     self.info = {"host": socket.gethostname(), "pid": os.getpid(),
                  "start_time": datetime.datetime.now().isoformat(sep=" ", timespec="seconds"),
                  "heartbeat": time.time()}
@@ -85,10 +87,10 @@ class WorkdirLock:
       try:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
       except FileExistsError:
-        holder = read_lock(self.workdir)
+        holder = read_lock(self.workdir, self.lock_file)
         if holder is None:  # being written right now, or garbled: look again shortly
           time.sleep(0.2)
-          holder = read_lock(self.workdir)
+          holder = read_lock(self.workdir, self.lock_file)
         if holder is not None and holder_alive(holder):
           if holder.get("pid") == os.getpid() and holder.get("host") == self.info["host"]:
             self.held = True  # this process already holds it (e.g. train_and_evaluate twice)
@@ -130,7 +132,7 @@ class WorkdirLock:
     if not self.held:
       return
     self.held = False
-    holder = read_lock(self.workdir)
+    holder = read_lock(self.workdir, self.lock_file)
     if holder and holder.get("pid") == self.info["pid"] and holder.get("host") == self.info["host"]:
       with contextlib.suppress(FileNotFoundError):
         os.remove(self.path)

@@ -157,3 +157,64 @@ def test_rerun_leaves_a_live_trial_alone_and_resumes_a_dead_one(tmp_path):
   # sweep.py starts its trials before JAX runs any thread (forking then would risk a deadlock;
   # JAX warns). This test process does run JAX: the warning is filtered here (pytestmark).
   assert "os.fork() was called" not in proc.stderr
+
+
+SLOW_TRAIN = """
+import os, sys, time
+workdir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+deadline = time.time() + 60  # as train.py reading its data before it takes the workdir lock
+while not os.path.exists(os.path.join(workdir, "go")) and time.time() < deadline:
+  time.sleep(0.05)
+with open(os.path.join(workdir, "ran.txt"), "a") as f:
+  f.write("ran\\n")
+"""
+
+
+def test_second_sweep_reports_a_trial_of_the_first_as_running_elsewhere(tmp_path):
+  """Before its train.py holds the workdir lock, a trial is claimed by the sweep running it."""
+  workdir, script = str(tmp_path / "sweep"), tmp_path / "slow_train.py"
+  script.write_text(SLOW_TRAIN)
+  args = [f"--config={CONFIG}", f"--workdir={workdir}", "--sweep=seed=[1]",
+          f"--train_script={script}"]
+  first = subprocess.Popen([sys.executable, os.path.join(ROOT, "sweep.py"), *args], cwd=ROOT,
+                           env=dict(os.environ, **ENV), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    claim = os.path.join(workdir, "seed=1", sweep_runner.CLAIM_FILE)
+    deadline = time.time() + 60
+    while not os.path.exists(claim) and time.time() < deadline and first.poll() is None:
+      time.sleep(0.05)
+    second = run_sweep_cli(*args)
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert f"running elsewhere: seed=1: pid {first.pid} on" in second.stdout, second.stdout
+    assert "failed" not in second.stdout
+    assert state(workdir, "seed=1")["status"] == "running"
+  finally:
+    open(os.path.join(workdir, "seed=1", "go"), "w", encoding="utf-8").close()
+    out, err = first.communicate(timeout=60)
+  assert first.returncode == 0, err[-3000:]
+  assert read_text(os.path.join(workdir, "seed=1", "ran.txt")) == "ran\n"  # one writer only
+  assert state(workdir, "seed=1")["status"] == "finished"
+  assert not os.path.exists(claim)
+
+
+LOCKED_TRAIN = """
+import json, os, socket, sys, time
+workdir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+lock = {{"host": socket.gethostname(), "pid": {pid}, "start_time": "now",
+         "heartbeat": time.time()}}
+with open(os.path.join(workdir, "lock.json"), "w") as f:  # another train.py took it meanwhile
+  json.dump(lock, f)
+sys.exit("error: " + workdir + " is in use by another train.py")
+"""
+
+
+def test_trial_whose_workdir_was_taken_meanwhile_is_not_marked_failed(tmp_path):
+  workdir, script = str(tmp_path / "sweep"), tmp_path / "locked_train.py"
+  script.write_text(LOCKED_TRAIN.format(pid=os.getpid()))
+  sweep = sweeps.make_sweep(CONFIG, [{"seed": 1}], train_script=str(script))
+  statuses = sweep_runner.run_sweep(sweep, workdir, env=ENV)
+  assert statuses == {"seed=1": "running"}
+  assert state(workdir, "seed=1")["status"] == "pending"  # as before the attempt
+  line = sweep_runner.report_line(workdir, statuses)
+  assert f"running elsewhere: seed=1: pid {os.getpid()}" in line and "failed" not in line

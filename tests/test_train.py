@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (ROOT, METADATA_DIR, MOCK_EXAMPLES, metric_at, read_metrics, run_mock_train,
                       tiny_config, tiny_flags)
-from mixer import checkpoints, config_lib, data, train_lib
+from mixer import checkpoints, config_lib, data, models, train_lib
 
 REQUIRED_TRAIN = ("train/loss", "train/top1", "lr", "grad_norm", "img_per_sec")
 REQUIRED_EVAL = ("eval/loss", "eval/top1", "eval/top5", "eval/num_examples")
@@ -139,16 +139,27 @@ def test_two_processes_match_one(baseline, tmp_path):
 
 
 def test_grad_accumulation_matches_full_batch(mock_cifar, tmp_path):
-  plain = dict(total_steps=3, log_every_steps=1, eval_every_steps=3, checkpoint_every_steps=3,
-               mixup_alpha=0.0, cutmix_alpha=0.0, **{"model.dropout": 0.0,
-                                                     "model.stoch_depth": 0.0})
-  losses = []
+  """Parameters after one plain SGD step (no momentum, clipping, decay or warmup: nothing that
+  would normalise the gradient's scale away) equal the full batch's."""
+  plain = dict(total_steps=1, log_every_steps=1, eval_every_steps=1, checkpoint_every_steps=1,
+               mixup_alpha=0.0, cutmix_alpha=0.0, optimizer="sgd", momentum=0.0,
+               learning_rate=0.5, grad_clip_norm=0.0, weight_decay=0.0, warmup_epochs=0.0,
+               **{"model.dropout": 0.0, "model.stoch_depth": 0.0})
+  params = []
   for accum in (1, 2):
     workdir = str(tmp_path / f"accum{accum}")
     train_lib.train_and_evaluate(tiny_config(grad_accum_steps=accum, **plain), workdir)
-    rows = read_metrics(workdir)
-    losses.append([metric_at(rows, "train/loss", s) for s in (1, 2, 3)])
-  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    params.append(final_params(workdir)[1])
+  config = tiny_config(**plain)
+  init = flax.traverse_util.flatten_dict(
+      models.init_params(models.build_model(config, 100), config.image_size, config.seed),
+      sep="/")
+  # The step moved the parameters far more than the tolerance: a gradient off by the
+  # accumulation factor would show.
+  assert max(float(np.abs(params[0][k] - init[k]).max()) for k in init) > 1e-2
+  for key in params[0]:
+    np.testing.assert_allclose(params[1][key], params[0][key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(mock_cifar, tmp_path):
@@ -219,3 +230,12 @@ def test_init_from_published_layout_npz(baseline, mock_cifar, tmp_path):
   with pytest.raises(ValueError, match="config.init_from=.*does not fit"):
     train_lib.train_and_evaluate(tiny_config(init_from=npz, **{"model.hidden_dim": 48}),
                                  str(tmp_path / "bad"))
+  # A file of another shape, a missing file, a file that is no npz: an error, nothing created.
+  not_npz = tmp_path / "not.npz"
+  not_npz.write_text("hello")
+  for source in (npz, str(tmp_path / "missing.npz"), str(not_npz)):
+    overrides = {"model.hidden_dim": 48} if source == npz else {}
+    with pytest.raises((ValueError, OSError)):
+      train_lib.train_and_evaluate(tiny_config(init_from=source, **overrides),
+                                   str(tmp_path / "bad"))
+  assert not (tmp_path / "bad").exists()
