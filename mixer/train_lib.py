@@ -32,8 +32,7 @@ from mixer.progress import Progress, eval_line
 from mixer.train_step import make_train_step, new_state
 
 
-RUN_FILE = "run.json"
-_WINDOW_CHUNK = 5  # budget_minutes times training steps in chunks of this many  # the run's status for sweeps and scripts: see RunResult
+RUN_FILE = "run.json"  # the run's status for sweeps and scripts: see RunResult
 
 
 @dataclasses.dataclass
@@ -264,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       _warn_on_device_change(workdir, run.start_step, mesh.devices.size)
       _save_class_names(splits["train"], workdir)
       metrics.truncate_jsonl(os.path.join(workdir, writers.METRICS_FILE), run.start_step)
-    if to_measure:
+    if to_measure and not run.plan_during_warmup():
       run.measure_and_plan()
     try:
       result = run.loop(lock)
@@ -297,6 +296,7 @@ class _Run:
     self.step = self.start_step
     self.num_params = int(sum(x.size for x in jax.tree.leaves(self.state.params)))
     self.last_eval: dict[str, float] = {}
+    self.deciding = False  # budget_minutes: timing the first steps, total_steps provisional
 
   @functools.cached_property
   def device_data(self) -> tuple[jax.Array, jax.Array, data.EpochOrders]:
@@ -336,27 +336,45 @@ class _Run:
     state, _ = self._train_step(step_fn, state, self.start_step + 1)
     jax.block_until_ready(state)
     first, steps, window_start = budget.now() - started, 0, budget.now()
-    while True:
-      for _ in range(_WINDOW_CHUNK):
-        state, _ = self._train_step(step_fn, state, self.start_step + 2 + steps)
+    while True:  # as the loop runs them: dispatched ahead, synced at each log step
+      pending = []
+      for _ in range(config.log_every_steps):
+        state, step_metrics = self._train_step(step_fn, state, self.start_step + 2 + steps)
+        pending.append(step_metrics)
         steps += 1
+      jax.device_get(pending)
       jax.block_until_ready(state)
       elapsed = budget.now() - window_start
-      if elapsed >= budget.WINDOW_SECONDS:
+      if elapsed >= budget.COPY_WINDOW_SECONDS:
         break
-    step_s = elapsed / steps
-    eval_s = sum(e.seconds_per_call(self.state.params, budget.now)
-                 for e in self.evaluators.values())
-    plan = budget.plan_minutes(config.budget_minutes, budget.now() - budget.process_start(),
-                               step_s, eval_s, max(first - step_s, 0.0), config.eval_every_steps)
     del state, step_fn  # both finished (block_until_ready above)
+    return self._adopt_plan(elapsed / steps, first, self.start_step, self.state.params)
+
+  def plan_during_warmup(self) -> bool:
+    """Whether budget_minutes can time the run's own first steps: they must lie in the warmup,
+    whose learning rates do not depend on the length (then the loop decides, `_adopt_plan`)."""
+    warmup = optim.warmup_steps(self.config, self.per_epoch)
+    self.deciding = warmup - self.start_step > 2 * self.config.log_every_steps
+    if self.deciding:
+      self.total_steps = max(self.total_steps, warmup + 1)  # until decided
+    return self.deciding
+
+  def _adopt_plan(self, step_s: float, first_step_s: float, done_steps: int,
+                  params: Any) -> budget.MinutesPlan:
+    """Fixes total_steps from the measured rate (and the evaluation cost, timed on `params`),
+    records it, and rebuilds the schedule for it."""
+    config = self.config
+    eval_s = sum(e.seconds_per_call(params, budget.now) for e in self.evaluators.values())
+    plan = budget.plan_minutes(config.budget_minutes, budget.now() - budget.process_start(),
+                               step_s, eval_s, max(first_step_s - step_s, 0.0),
+                               config.eval_every_steps, done_steps)
     total = _from_process_zero(plan.total_steps)
     logging.info("%s.", plan.describe(config.batch_size, self.per_epoch))
     optim.check_warmup(config, total, self.per_epoch)
     if jax.process_index() == 0:
-      config_guard.record_budget(self.workdir, self.start_step,
+      config_guard.record_budget(self.workdir, done_steps,
                                  dataclasses.asdict(dataclasses.replace(plan, total_steps=total)))
-    self.total_steps = total
+    self.total_steps, self.deciding = total, False
     self.schedule = optim.learning_rate_schedule(config, total, self.per_epoch)
     self.tx = optim.make_optimizer(config, self.schedule)
     return plan
@@ -400,15 +418,19 @@ class _Run:
     self.result().save(self.workdir)
     pending, pending_from = [], self.start_step + 1  # device metrics not yet checked
     window_start, window_time = self.start_step, time.time()  # training steps timed since
+    step = self.start_step
     try:
-      for step in range(self.start_step + 1, self.total_steps + 1):
+      while step < self.total_steps:
+        step += 1
         state, step_metrics = self._train_step(step_fn, state, step)
         pending.append(step_metrics)
         self.step = step
         if step == self.start_step + 1:  # Keep compilation out of img/s and the ETA.
           jax.block_until_ready(state)
-          logging.info("First step (with compilation) took %.1fs.", time.time() - window_time)
+          first_step_s = time.time() - window_time
+          logging.info("First step (with compilation) took %.1fs.", first_step_s)
           window_start, window_time = step, time.time()
+          timed_from, timed_since = step, budget.now() if self.deciding else 0.0
         is_last, stopping = step == self.total_steps, stop.agreed(step)
         log_due = step % config.log_every_steps == 0 or is_last
         eval_due = step % config.eval_every_steps == 0 or is_last
@@ -424,6 +446,17 @@ class _Run:
             logging.info(progress.line(step, scalars))
             lock.heartbeat()
           pending, pending_from = [], step + 1
+        if self.deciding and log_due and step > timed_from and (
+            budget.now() - timed_since >= budget.WINDOW_SECONDS or
+            step + 2 * config.log_every_steps > optim.warmup_steps(config, self.per_epoch)):
+          jax.block_until_ready(state)  # the old step function is freed below
+          params = state.ema_params if config.ema_decay else state.params
+          self._adopt_plan((budget.now() - timed_since) / (step - timed_from), first_step_s,
+                           step, params)
+          step_fn = self._step_fn()  # with the schedule of the chosen length
+          progress.total_steps = self.total_steps
+          is_last = step == self.total_steps
+          eval_due, save_due = eval_due or is_last, save_due or is_last
         step_eval = None
         if eval_due:
           started, params = time.time(), state.ema_params if config.ema_decay else state.params
@@ -434,6 +467,8 @@ class _Run:
           self.result().save(self.workdir)
         if save_due:
           ckpt.save(step, state, metrics=step_eval if "val" in evaluators else None)
+        if self.deciding and (eval_due or save_due):
+          timed_from, timed_since = step, budget.now()  # time training steps only
         if log_due or eval_due or save_due:
           window_start, window_time = step, time.time()
         if stopping and not is_last:

@@ -28,11 +28,11 @@ def test_budget_pflop_gives_the_step_count_computed_by_hand():
 
 
 def test_minutes_plan_fits_steps_and_evaluations_in_the_budget():
-  # 60 s - 10 s spent - reserve (10 s + 1% of 60 s) leaves 39.4 s: 141 steps of 0.25 s and
-  # 2 evaluations (steps 100 and 141) of 2 s take 39.25 s; 142 would take 39.5 s.
+  # 60 s - 10 s spent - reserve (10 s + 2% of 60 s) leaves 38.8 s: 139 steps of 0.25 s and
+  # 2 evaluations (steps 100 and 139) of 2 s take 38.75 s; 140 would take 39 s.
   plan = budget.plan_minutes(1.0, elapsed_s=10.0, step_s=0.25, eval_s=2.0, compile_s=0.0,
                              eval_every=100)
-  assert plan.total_steps == 141
+  assert plan.total_steps == 139
   assert budget.count_events(141, 100) == 2 and budget.count_events(200, 100) == 2
   with pytest.raises(ValueError, match="leaves no time to train"):
     budget.plan_minutes(0.2, elapsed_s=10.0, step_s=0.25, eval_s=2.0, compile_s=0.0,
@@ -64,26 +64,35 @@ def _params(workdir):
   return step, flax.traverse_util.flatten_dict(manager.restore(step)["params"], sep="/")
 
 
-def test_budget_minutes_decides_once_records_and_resumes_exactly(tmp_path, mock_cifar,
-                                                                 monkeypatch):
+@pytest.mark.parametrize("warmup_epochs,decided_at,stop_at", [
+    (0.5, 0, 4),  # a 2-step warmup: the rate is timed on a copy of the state, then discarded
+    (4.0, 12, 13),  # a 16-step warmup: the run's own first steps are timed
+])
+def test_budget_minutes_decides_once_records_and_resumes_exactly(
+    tmp_path, mock_cifar, monkeypatch, warmup_epochs, decided_at, stop_at):
   clock = FakeClock()
   monkeypatch.setattr(budget, "now", clock)
   monkeypatch.setattr(budget, "process_start", lambda: 0.0)
   monkeypatch.setattr(budget, "WINDOW_SECONDS", 3.0)
-  overrides = dict(budget_minutes=0.5, eval_every_steps=1000, checkpoint_every_steps=4)
+  monkeypatch.setattr(budget, "COPY_WINDOW_SECONDS", 3.0)
+  overrides = dict(budget_minutes=1.0, eval_every_steps=1000, checkpoint_every_steps=4,
+                   warmup_epochs=warmup_epochs)
   workdir = str(tmp_path / "budget")
-  # Stopped (as by SIGTERM) after step 4: the decision is already recorded.
-  monkeypatch.setattr(train_lib._StopSignal, "agreed", lambda self, step: step == 4)
+  # Stopped (as by SIGTERM) after the decision: it is recorded.
+  monkeypatch.setattr(train_lib._StopSignal, "agreed", lambda self, step: step == stop_at)
   stopped = train_lib.train_and_evaluate(tiny_config(**overrides), workdir)
-  assert stopped.status == "stopped" and stopped.step == 4
+  assert stopped.status == "stopped" and stopped.step == stop_at
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     decision = json.load(f)["budget"]
-  # Window: 3 chunks of 5 steps in 3 fake seconds; the first step (compiling) took 1 s.
-  assert decision["step_s"] == pytest.approx(0.2) and decision["compile_s"] == pytest.approx(0.8)
-  replanned = budget.plan_minutes(0.5, decision["elapsed_s"], decision["step_s"],
-                                  decision["eval_s"], decision["compile_s"], 1000)
+  assert decision["decided_at_step"] == decided_at
+  if decided_at == 0:
+    # The copy: 3 log intervals of 3 steps in 3 fake seconds; the compiling step took 1 s.
+    assert decision["step_s"] == pytest.approx(1 / 3)
+    assert decision["compile_s"] == pytest.approx(2 / 3)
+  replanned = budget.plan_minutes(1.0, decision["elapsed_s"], decision["step_s"],
+                                  decision["eval_s"], decision["compile_s"], 1000, decided_at)
   total = decision["total_steps"]
-  assert total == replanned.total_steps > 4 and stopped.total_steps == total
+  assert total == replanned.total_steps > stop_at and stopped.total_steps == total
   with open(os.path.join(workdir, "config_history.jsonl"), encoding="utf-8") as f:
     history = [json.loads(line) for line in f]
   assert [h["budget"]["total_steps"] for h in history if "budget" in h] == [total]
@@ -93,10 +102,12 @@ def test_budget_minutes_decides_once_records_and_resumes_exactly(tmp_path, mock_
   monkeypatch.setattr(train_lib._StopSignal, "agreed", lambda self, step: False)
   resumed = train_lib.train_and_evaluate(tiny_config(**overrides), workdir)
   assert resumed.status == "finished" and resumed.step == total
-  # Bit-exact with a run given total_steps: the timed steps were discarded.
+  # Bit-exact with a run given total_steps: the timed steps were discarded, or were warmup
+  # steps, whose learning rates do not depend on the length.
   plain = str(tmp_path / "plain")
   train_lib.train_and_evaluate(tiny_config(total_steps=total, eval_every_steps=1000,
-                                           checkpoint_every_steps=4), plain)
+                                           checkpoint_every_steps=4,
+                                           warmup_epochs=warmup_epochs), plain)
   (step_a, a), (step_b, b) = _params(workdir), _params(plain)
   assert step_a == step_b == total and a.keys() == b.keys()
   for key in a:
