@@ -12,7 +12,7 @@ of warmup, then fixes its length (recorded in config.json). Evaluation averages 
 
 Measured (`time make train`, idle 2-core CPU VM, float32, seed 0, 2026-12-05): test top-1 56.61%
 (top-5 82.83%) in 56 min 25 s end to end; it chose 8,901 steps (23.3 epochs) from 380 img/s
-measured at step 300; validation 55.8%. Not yet measured with one view for this run.
+measured at step 300; validation 55.8%; one view per image (`evaluate.py --single_view`) 54.20%.
 
 How it was chosen, every hour-long run and the sweeps with their tables: docs/cpu_hour_sweep.md.
 get_sweep() is random erasing on/off, for 3 seeds at equal compute on a 5,000-image validation
