@@ -14,14 +14,8 @@ Measured (`time make train`, idle 2-core CPU VM, float32, seed 0, 2026-12-05): t
 (top-5 82.83%) in 56 min 25 s end to end; it chose 8,901 steps (23.3 epochs) from 380 img/s
 measured at step 300; validation 55.8%; one view per image (`evaluate.py --single_view`) 54.20%.
 
-How it was chosen, every hour-long run and the sweeps with their tables: docs/cpu_hour_sweep.md.
-get_sweep() is random erasing on/off, for 3 seeds at equal compute on a 5,000-image validation
-split (docs/cpu_hour_sweep.md has the table):
-
-  python sweep.py --config=configs/cifar100_cpu_hour.py --workdir=DIR --seeds=3 \\
-      --config.budget_minutes=0 --config.budget_pflop=0.025 --config.train_split='train[:90%]' \\
-      --config.val_split='train[90%:]' --config.eval_shift=0 --config.warmup_epochs=0.3 \\
-      --config.eval_every_steps=100000 --config.checkpoint_every_steps=250
+How it was chosen, every hour-long run, and get_sweep()'s command with its 3-seed table:
+docs/cpu_hour_sweep.md.
 """
 from mixer import config_lib
 

@@ -1,25 +1,20 @@
 """Fine-tunes a published MLP-Mixer checkpoint on CIFAR-100 at 224x224 (the paper's transfer recipe).
 
-SGD with momentum 0.9, batch 512, global-norm clipping at 1, warmup then cosine decay,
-no weight decay, no mixup/label smoothing; CIFAR's 32x32 images are cropped/flipped and
-resized to 224 on the device.
-
-Published weights (ImageNet-21k or ImageNet-1k pre-training), from the public bucket of
-google-research/vision_transformer:
-  https://storage.googleapis.com/mixer_models/imagenet21k/Mixer-B_16.npz
-  (also Mixer-L_16.npz; imagenet1k/ for the 1k-pretrained ones; `gsutil ls gs://mixer_models`)
+SGD momentum 0.9, batch 512, clipping at 1, warmup then cosine, no weight decay, no mixup or
+label smoothing; CIFAR's 32x32 images are cropped/flipped and resized to 224 on the device.
+Weights (ImageNet-21k or -1k pre-training) from google-research/vision_transformer's bucket:
+  https://storage.googleapis.com/mixer_models/imagenet21k/Mixer-B_16.npz  (`gsutil ls gs://mixer_models`)
 
   python train.py --config=configs/cifar100_finetune.py --workdir=workdirs/ft_b16 \\
       --config.init_from=/path/to/Mixer-B_16.npz
   python train.py --config=configs/cifar100_finetune.py:L/16 ... --config.init_from=.../Mixer-L_16.npz
 
 The argument is the variant ('B/16' by default; one of VARIANTS), optionally followed by
-',smoke' (`:smoke` alone: B/16's recipe on a Ti/16 at 32x32). At
-image_size 448 (K=2) the token-mixing MLPs are made block-diagonal: pass
---config.model.tokens_mlp_dim=4x the original (e.g. 1536 for B/16).
+',smoke' (`:smoke` alone: B/16's recipe on a Ti/16 at 32x32). At image_size 448 pass
+--config.model.tokens_mlp_dim=4x the original (e.g. 1536 for B/16): block-diagonal token mixing.
 
-Measured: not measured yet (needs an accelerator and the published weights, which cannot be
-downloaded on our CI machines).
+Measured: not yet (needs an accelerator and the published weights, which our CI machines
+cannot download).
 """
 from mixer import config_lib, models
 
