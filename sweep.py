@@ -67,10 +67,10 @@ def main(argv):
         config_flags.get_config_filename(FLAGS["config"]),
         sweeps.parse_sweep_flag(FLAGS.sweep) if FLAGS.sweep else None,
         config_flags.get_override_values(FLAGS["config"]), FLAGS.train_script, FLAGS.seeds))
-  if statuses is None:
-    return
-  sweep_summary.summarize(FLAGS.workdir)
-  print(sweep_runner.report_line(FLAGS.workdir, statuses))
+    if statuses is None:
+      return
+    sweep_summary.summarize(FLAGS.workdir)
+    print(sweep_runner.report_line(FLAGS.workdir, statuses))
   if any(status != "finished" for status in statuses.values()):
     sys.exit(1)
 

@@ -43,7 +43,10 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """Random erasing on or off, at equal compute: run with --seeds=3 and a budget_pflop
+  """AdamW (the config itself, trial 'base') against the optimizers of mixer/optim.py at their
+  documented starting points, at equal compute: run with --seeds=3 and a budget_pflop
   (docs/cpu_hour_sweep.md gives the command, the table with intervals and the verdict)."""
   del arg
-  return [{"random_erasing": 0.0}, {"random_erasing": 0.25}]
+  return [{}, {"optimizer": "muon"},
+          {"optimizer": "schedule_free_adamw", "weight_decay": 0.1},
+          {"optimizer": "lion", "learning_rate": 1e-3, "weight_decay": 0.8}]

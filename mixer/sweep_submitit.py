@@ -1,39 +1,33 @@
-"""Sweeps through submitit: each trial a SLURM job (or a local submitit job), requeued on preemption.
+"""The submitit launcher: each trial a SLURM job (or a local submitit job), requeued on preemption.
 
 `sweep.py --launcher=slurm` (or `submitit_local`, the same path on this machine). The trials
-keep the local runner's layout (sweep_runner): DIR/<trial>/trial.json (status, command,
-attempts, error, job id), DIR/<trial>/job.json (the latest job), train.log, skip-finished and resume. submitit's own files
-(pickles, job stdout/stderr) go to DIR/submitit/.
+have the local launcher's life cycle (mixer/sweep_runner.py: `plan`, `run_trial`, trial.json,
+train.log, skip-finished and resume); trial.json also records the trial's job (launcher and
+job id), so that a trial whose job is still queued is not submitted twice. submitit's own
+files (pickles, job stdout/stderr) go to DIR/submitit/.
 
-Each job runs `TrialJob`: the trial's train.py command as a child process (from a thread, so
-that the job's main thread stays free for signals), exactly as the local runner does. When
-the scheduler signals the job before its time limit or a preemption (USR2, `signal_delay_s`
-ahead: submitit's `--signal`), submitit calls `TrialJob.checkpoint`: it sends SIGTERM to
-train.py, which finishes its step, saves a checkpoint and exits; the job is then requeued and
-runs train.py again, which resumes from that checkpoint. A SIGTERM from SLURM itself (scancel,
-preemption without the USR2 warning) reaches train.py directly and it saves the same way.
-A trial of several nodes runs one task per node; train.py finds its processes from srun's
-environment (train.py, runtime.slurm_step_tasks) and task 0 keeps trial.json.
+Each job runs `TrialJob`: `run_trial` from a thread, so that the job's main thread stays free
+for signals. When the scheduler signals the job before its time limit or a preemption (USR2,
+`signal_delay_s` ahead: submitit's `--signal`), submitit calls `TrialJob.checkpoint`: it
+stops train.py (SIGTERM: it finishes its step, saves a checkpoint and exits) and the job is
+requeued; train.py then resumes from that checkpoint. A SIGTERM from SLURM itself (scancel,
+preemption without the warning) reaches train.py directly and it saves the same way. A
+trial of several nodes runs one task per node; train.py finds its processes from srun's
+environment (runtime.slurm_step_tasks) and task 0 keeps trial.json.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import threading
 import time
 from typing import Any
 
-from mixer import sweep_runner, sweeps
+from mixer import errors, sweep_runner, sweeps
 
-SUBMITIT_DIR = "submitit"
 LAUNCHERS = ("local", "slurm", "submitit_local")
-_FINAL_SLURM_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY",
-                       "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED", "FINISHED")
 
 
 @dataclasses.dataclass
@@ -50,83 +44,76 @@ class JobOptions:
   slurm_args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def check_slurm() -> None:
-  """Raises ValueError in one line where SLURM is not installed."""
-  if shutil.which("sbatch") is None:
-    raise ValueError("--launcher=slurm needs SLURM (sbatch is not on PATH here); use "
-                     "--launcher=local, or --launcher=submitit_local for the same path locally.")
-
-
-def make_executor(launcher: str, workdir: str, options: JobOptions) -> Any:
+def make_executor(launcher: str, sweep_dir: str, options: JobOptions) -> Any:
   """A submitit executor for `launcher` ('slurm' or 'submitit_local'), its files in DIR/submitit."""
-  import submitit  # pylint: disable=g-import-not-at-top
-  folder = os.path.join(workdir, SUBMITIT_DIR, "%j")
+  try:
+    import submitit  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise errors.ConfigError(f"--launcher={launcher} needs submitit: pip install "
+                             "'submitit>=1.5,<2' (or use --launcher=local).") from e
+  folder = os.path.join(sweep_dir, sweep_runner.SUBMITIT_DIR, "%j")
   if launcher == "slurm":
-    check_slurm()
+    if shutil.which("sbatch") is None:
+      raise errors.SweepError("--launcher=slurm needs SLURM (sbatch is not on PATH here); use "
+                              "--launcher=local, or --launcher=submitit_local for the same "
+                              "path locally.")
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=options.max_requeues)
-    params: dict[str, Any] = dict(
+    optional = {"partition": options.partition, "cpus_per_task": options.cpus_per_task,
+                "gpus_per_node": options.gpus_per_trial or None,
+                "mem": f"{options.mem_gb}GB" if options.mem_gb else None}
+    executor.update_parameters(
         nodes=options.nodes, ntasks_per_node=1, time=options.time_min,
         signal_delay_s=options.signal_delay_s, job_name="mixer-sweep",
-        additional_parameters={"requeue": True, **options.slurm_args})
-    if options.gpus_per_trial:
-      params["gpus_per_node"] = options.gpus_per_trial
-    for key, value in (("partition", options.partition), ("cpus_per_task", options.cpus_per_task),
-                       ("mem", f"{options.mem_gb}GB" if options.mem_gb else None)):
-      if value is not None:
-        params[key] = value
-    executor.update_parameters(**params)
-    return executor
-  if launcher == "submitit_local":
+        additional_parameters={"requeue": True, **options.slurm_args},
+        **{key: value for key, value in optional.items() if value is not None})
+  elif launcher == "submitit_local":
     if options.nodes != 1:
-      raise ValueError("--launcher=submitit_local runs on this machine: --slurm_nodes must be 1.")
+      raise errors.SweepError("--launcher=submitit_local runs on this machine: --slurm_nodes "
+                              "must be 1.")
     executor = submitit.LocalExecutor(folder=folder, max_num_timeout=options.max_requeues)
     executor.update_parameters(timeout_min=options.time_min, tasks_per_node=1,
                                gpus_per_node=options.gpus_per_trial,
                                signal_delay_s=options.signal_delay_s)
-    return executor
-  raise ValueError(f"Unknown launcher {launcher!r}: expected one of {LAUNCHERS}.")
+  else:
+    raise errors.SweepError(f"Unknown launcher {launcher!r}: expected one of {LAUNCHERS}.")
+  return executor
 
 
 class TrialJob:
-  """The callable a trial's job runs: train.py to the end, stopped cleanly on the scheduler's
-  signal and requeued (submitit calls `checkpoint`)."""
+  """The callable a trial's job runs: `run_trial` to its end, stopped cleanly on the
+  scheduler's signal and requeued (submitit calls `checkpoint`)."""
 
-  def __init__(self, sweep: sweeps.Sweep, trial: sweeps.Trial, workdir: str):
-    self.sweep, self.trial, self.workdir = sweep, trial, workdir
+  def __init__(self, sweep: sweeps.Sweep, trial: sweeps.Trial, sweep_dir: str):
+    self.sweep, self.trial, self.sweep_dir = sweep, trial, sweep_dir
 
   def __call__(self) -> dict[str, Any]:
     import submitit  # pylint: disable=g-import-not-at-top
-    rank = submitit.JobEnvironment().global_rank
+    job = submitit.JobEnvironment()
     self._stopper = sweep_runner.Stopper()  # not entered: submitit owns this job's signals
     self._result: dict[str, Any] = {}
-    target = self._run_rank0 if rank == 0 else lambda: self._run_other_rank(rank)
-    self._thread = threading.Thread(target=target, name="train.py")
+    self._thread = threading.Thread(target=self._run, args=(job,), name="train.py")
     self._thread.start()
     while self._thread.is_alive():  # short joins: signal handlers run in between
       self._thread.join(0.5)
-    state = self._result
-    if state.get("status") == "failed":
-      raise RuntimeError(f"Trial {self.trial.name} failed: {state.get('error_line')}")
-    return state
+    if self._result.get("status") == "failed":  # the scheduler records the job as failed
+      raise RuntimeError(f"Trial {self.trial.name} failed: {self._result.get('error_line')}")
+    return self._result
 
-  def _run_rank0(self) -> None:
-    import submitit  # pylint: disable=g-import-not-at-top
-    job_id = str(submitit.JobEnvironment().job_id)
-    self._result = sweep_runner.run_trial(self.sweep, self.trial, self.workdir,
-                                          stopper=self._stopper,
-                                          extra={"job_id": job_id, "job_pid": os.getpid()})
-
-  def _run_other_rank(self, rank: int) -> None:
-    """Tasks > 0 of a multi-node trial run the same train.py; task 0 keeps trial.json."""
-    trial_dir = os.path.join(self.workdir, self.trial.name)
-    command = sweeps.trial_command(self.sweep, self.trial, self.workdir)
-    with open(os.path.join(trial_dir, f"train.rank{rank}.log"), "a", encoding="utf-8") as log:
-      proc = sweep_runner.start_child(command, stdout=log, stderr=subprocess.STDOUT,
-                                      cwd=sweeps.ROOT)
-      self._stopper.add(proc)
-      proc.wait()
+  def _run(self, job: Any) -> None:
+    if job.global_rank == 0:
+      launcher = "slurm" if job.cluster == "slurm" else "submitit_local"
+      self._result = sweep_runner.run_trial(
+          self.sweep, self.trial, self.sweep_dir, self._stopper,
+          job={"launcher": launcher, "job_id": str(job.job_id), "job_pid": os.getpid()})
+      return
+    # Tasks > 0 of a multi-node trial run the same train.py; task 0 keeps trial.json.
+    proc = sweep_runner.run_child(
+        sweeps.trial_command(self.sweep, self.trial, self.sweep_dir),
+        os.path.join(self.sweep_dir, self.trial.name, f"train.rank{job.global_rank}.log"),
+        self._stopper)
     self._result = {"status": "finished" if proc.returncode == 0 else "failed",
-                    "error_line": f"train.py exited with {proc.returncode} on task {rank}"}
+                    "error_line": f"train.py exited with {proc.returncode} on task "
+                                  f"{job.global_rank}"}
 
   def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
     """On the scheduler's warning: train.py saves and exits, then the job is requeued."""
@@ -139,146 +126,65 @@ class TrialJob:
       stopper.stop()
     if thread is not None:
       thread.join()
-    return submitit.helpers.DelayedSubmission(TrialJob(self.sweep, self.trial, self.workdir))
+    return submitit.helpers.DelayedSubmission(TrialJob(self.sweep, self.trial, self.sweep_dir))
 
 
-JOB_FILE = "job.json"  # DIR/<trial>/job.json: the launcher and id of its latest job
-
-
-def _write_job(trial_dir: str, launcher: str, job_id: str) -> None:
-  path = os.path.join(trial_dir, JOB_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump({"launcher": launcher, "job_id": job_id, "submitted": time.time()}, f)
-  os.replace(path + ".tmp", path)
-
-
-def _read_job(trial_dir: str) -> dict[str, Any] | None:
-  try:
-    with open(os.path.join(trial_dir, JOB_FILE), encoding="utf-8") as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
-    return None
-
-
-def _job_alive(launcher: str, workdir: str, job_id: str) -> bool:
-  """Whether a trial's earlier job is still queued or running (so it is not submitted twice)."""
-  if launcher == "slurm":
-    import submitit  # pylint: disable=g-import-not-at-top
-    try:
-      state = submitit.SlurmJob(os.path.join(workdir, SUBMITIT_DIR, "%j"), job_id).state
-    except Exception:  # pylint: disable=broad-except  # sacct unavailable: assume it ended
-      return False
-    return state.split()[0] not in _FINAL_SLURM_STATES if state != "UNKNOWN" else False
-  try:  # submitit_local: the job id is its controller's pid
-    os.kill(int(job_id), 0)
-    return True
-  except (OSError, ValueError):
-    return False
-
-
-def _todo(sweep: sweeps.Sweep, workdir: str, launcher: str) -> tuple[dict[str, str], list]:
-  """{trial: status} of trials not to submit, and the trials to submit."""
-  statuses, todo = {}, []
-  for trial in sweep.trials:
-    trial_dir = os.path.join(workdir, trial.name)
-    state = sweep_runner.read_state(trial_dir)
-    if sweep_runner.is_finished(state):
-      logging.info("Trial %s: finished before; skipped.", trial.name)
-      statuses[trial.name] = "finished"
-    elif state and state.get("status") in ("pending", "running") and (job := _read_job(
-        trial_dir)) and _job_alive(job["launcher"], workdir, job["job_id"]):
-      logging.warning("Trial %s: job %s is still queued or running; skipped.", trial.name,
-                      job["job_id"])
-      statuses[trial.name] = state["status"]
-    elif sweep_runner.running_elsewhere(trial_dir) is not None:
-      logging.warning("Trial %s: still running elsewhere; skipped.", trial.name)
-      statuses[trial.name] = "running"
-    else:
-      todo.append(trial)
-  return statuses, todo
-
-
-def submit_sweep(sweep: sweeps.Sweep, workdir: str, launcher: str, options: JobOptions,
+def submit_sweep(sweep: sweeps.Sweep, sweep_dir: str, launcher: str, options: JobOptions,
                  wait: bool = True) -> dict[str, str]:
-  """Submits every unfinished trial as a job; with `wait`, waits for them as run_sweep does.
-
-  Returns {trial name: status}. Ctrl-C or SIGTERM while waiting cancels the jobs (their
-  train.py saves first). Without `wait` the jobs' statuses are 'pending'; `sweep.py
-  --summarize` (or the same command again) collects them later.
-  """
-  workdir = os.path.abspath(workdir)
-  executor = make_executor(launcher, workdir, options)  # fails before anything is written
-  sweeps.save_sweep(sweep, workdir)
-  statuses, todo = _todo(sweep, workdir, launcher)
+  """Submits every trial that `plan` says to run as a job (one job array on SLURM); with
+  `wait`, waits for them (`wait_for_jobs`). Returns {trial name: status}; without `wait` the
+  jobs' statuses are 'pending' and `sweep.py --summarize` (or the same command again)
+  collects them later."""
+  sweep_dir = os.path.abspath(sweep_dir)
+  executor = make_executor(launcher, sweep_dir, options)  # fails before anything is written
+  statuses, todo = sweep_runner.plan(sweep, sweep_dir, launcher)
   if not todo:
     return statuses
-  for trial in todo:  # before submitting: a job may start at once and write its own state
-    trial_dir = os.path.join(workdir, trial.name)
-    os.makedirs(trial_dir, exist_ok=True)
-    state = sweep_runner.read_state(trial_dir) or {"name": trial.name, "attempts": 0,
-                                                   "wall_time_s": 0.0}
-    sweep_runner.write_state(trial_dir, dict(state, overrides=trial.overrides, status="pending",
-                                             launcher=launcher, job_id=None))
-    statuses[trial.name] = "pending"
-  jobs = {}
-  with executor.batch():  # one job array on SLURM
-    for trial in todo:
-      jobs[trial.name] = executor.submit(TrialJob(sweep, trial, workdir))
-  for trial in todo:
-    job_id = str(jobs[trial.name].job_id)
-    _write_job(os.path.join(workdir, trial.name), launcher, job_id)
-    logging.info("Trial %s: submitted as job %s (%s).", trial.name, job_id, launcher)
+  with executor.batch():
+    jobs = {trial.name: executor.submit(TrialJob(sweep, trial, sweep_dir)) for trial in todo}
+  for name, job in jobs.items():
+    trial_dir = os.path.join(sweep_dir, name)
+    state = sweep_runner.read_state(trial_dir)
+    if state["status"] == "pending":  # else its job started and wrote its own id already
+      sweep_runner.write_state(trial_dir, dict(state, job_id=str(job.job_id)))
+    logging.info("Trial %s: submitted as job %s (%s).", name, job.job_id, launcher)
   if wait:
-    statuses.update(wait_for_jobs(workdir, jobs))
+    statuses.update(wait_for_jobs(sweep_dir, jobs))
   return statuses
 
 
-def wait_for_jobs(workdir: str, jobs: dict[str, Any]) -> dict[str, str]:
-  """Waits for the jobs; each trial's status is then its trial.json's. Ctrl-C cancels them."""
-  cancelled = []
-
-  def cancel(signum, frame):
-    del frame
-    logging.warning("%s received: cancelling the sweep's jobs (train.py saves first).",
-                    signal.Signals(signum).name)
-    for job in jobs.values():
-      if not job.done():
-        job.cancel(check=False)
-    cancelled.append(signum)
-
-  previous = {s: signal.signal(s, cancel) for s in (signal.SIGINT, signal.SIGTERM)}
+def wait_for_jobs(sweep_dir: str, jobs: dict[str, Any]) -> dict[str, str]:
+  """Waits for the jobs ({trial name: job}); each trial's status is then its trial.json's (a
+  job that ended without saying: 'failed'). Ctrl-C or SIGTERM cancels the jobs (their
+  train.py saves first): 'stopped'."""
   statuses: dict[str, str] = {}
-  try:
+  with sweep_runner.Stopper() as stopper:
+    for job in jobs.values():
+      stopper.add(lambda job=job: job.done() or job.cancel(check=False))
     pending = dict(jobs)
     while pending:
       for name, job in list(pending.items()):
         if job.done():
-          statuses[name] = _final_status(workdir, name, job, bool(cancelled))
-          scores = {k: v for k, v in sweep_runner.read_run(os.path.join(workdir, name)).get(
-              "metrics", {}).items() if k.endswith("/top1")}
-          logging.info("Trial %s: %s (job %s%s).", name, statuses[name], job.job_id,
-                       "".join(f", {k} {v:.4f}" for k, v in sorted(scores.items(), reverse=True)))
+          trial_dir = os.path.join(sweep_dir, name)
+          state = sweep_runner.read_state(trial_dir) or {}
+          if state.get("status") not in ("finished", "failed", "stopped"):
+            if sweep_runner.running_elsewhere(trial_dir) is not None:  # its job left it alone
+              state["status"] = "running"
+            else:  # the job ended before its train.py said how
+              state.update(_job_end(job, stopper.requested))
+              sweep_runner.write_state(trial_dir, state)
+          statuses[name] = state["status"]
+          sweep_runner.log_end(trial_dir, state)
           del pending[name]
       time.sleep(1.0)
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
   return statuses
 
 
-def _final_status(workdir: str, name: str, job: Any, cancelled: bool) -> str:
-  """The trial's status once its job ended; a job that died before saying is 'failed'."""
-  trial_dir = os.path.join(workdir, name)
-  state = sweep_runner.read_state(trial_dir) or {}
-  if state.get("status") in ("finished", "failed", "stopped"):
-    return state["status"]
-  status = "stopped" if cancelled else "failed"
-  error = ""
+def _job_end(job: Any, cancelled: bool) -> dict[str, Any]:
+  """'stopped' when the sweep cancelled the job, else 'failed' with the job's stderr."""
   try:
     error = (job.stderr() or "")[-sweep_runner.ERROR_CHARS:]
-  except Exception:  # pylint: disable=broad-except
-    pass
-  state.update(status=status, error=error or None,
-               error_line=sweep_runner.error_line(error) or f"job {job.job_id} ended ({job.state})")
-  sweep_runner.write_state(trial_dir, state)
-  return status
+  except Exception:  # pylint: disable=broad-except  # its files may be gone
+    error = ""
+  return {"status": "stopped" if cancelled else "failed", "error": error or None,
+          "error_line": sweep_runner.error_line(error) or f"job {job.job_id} ended ({job.state})"}

@@ -17,7 +17,7 @@ import os
 import statistics
 from typing import Any
 
-from mixer import budget, stats, sweep_runner, sweeps
+from mixer import budget, stats, sweep_runner, sweeps, workdir
 
 # final/best_top1, best_step and final_top5 are on `ranked_on` (val, else test);
 # final_test_top1 is always the test split's.
@@ -28,11 +28,11 @@ METRIC_COLUMNS = ("status", "ranked_on", "final_step", "final_top1", "best_top1"
 
 def _model_from_config(trial_dir: str) -> tuple[Any, Any] | None:
   """(config, model) rebuilt from the run's config.json and class_names.json, or None."""
-  paths = [os.path.join(trial_dir, f) for f in ("config.json", "class_names.json")]
+  paths = [workdir.path(trial_dir, f) for f in (workdir.CONFIG_FILE, workdir.CLASS_NAMES_FILE)]
   if not all(os.path.exists(p) for p in paths):
     return None
-  from mixer import models, saved_runs  # pylint: disable=g-import-not-at-top
-  config = saved_runs.load_config(trial_dir)
+  from mixer import models  # pylint: disable=g-import-not-at-top
+  config = workdir.load_config(trial_dir)
   with open(paths[1], encoding="utf-8") as f:
     num_classes = len(json.load(f)["label"])
   # platform="cpu": the shapes do not depend on it, and asking JAX for its backend here
@@ -42,7 +42,7 @@ def _model_from_config(trial_dir: str) -> tuple[Any, Any] | None:
 
 def trial_params(trial_dir: str) -> int | None:
   """The parameter count in the run's run.json, else counted from its config; None if unknown."""
-  num_params = sweep_runner.read_run(trial_dir).get("num_params")
+  num_params = workdir.read_run(trial_dir).get("num_params")
   if num_params is not None:
     return int(num_params)
   built = _model_from_config(trial_dir)
@@ -54,7 +54,7 @@ def trial_params(trial_dir: str) -> int | None:
 
 def trial_pflop(trial_dir: str) -> float | None:
   """Training compute of the run's total_steps (run.json), in PFLOP; None before it started."""
-  total_steps = sweep_runner.read_run(trial_dir).get("total_steps")
+  total_steps = workdir.read_run(trial_dir).get("total_steps")
   built = _model_from_config(trial_dir) if total_steps else None
   if built is None:
     return None
@@ -66,7 +66,7 @@ def read_metrics(trial_dir: str) -> list[dict[str, float]]:
   """The run's metrics.jsonl rows so far ([] before its first log step)."""
   # Imported here: mixer.metrics imports clu, which loads TensorFlow (seconds).
   from mixer import metrics  # pylint: disable=g-import-not-at-top
-  path = os.path.join(trial_dir, "metrics.jsonl")
+  path = workdir.path(trial_dir, workdir.METRICS_FILE)
   return metrics.read_jsonl(path) if os.path.exists(path) else []
 
 
@@ -82,11 +82,11 @@ def eval_curve(trial_dir: str) -> list[tuple[int, float]]:
   return [(int(r["step"]), r[metric]) for r in rows if metric in r]
 
 
-def trial_row(workdir: str, trial: sweeps.Trial) -> dict[str, Any]:
+def trial_row(sweep_dir: str, trial: sweeps.Trial) -> dict[str, Any]:
   """The summary row of one trial; metrics it has not reached yet are None."""
-  trial_dir = os.path.join(workdir, trial.name)
+  trial_dir = os.path.join(sweep_dir, trial.name)
   state = sweep_runner.read_state(trial_dir)
-  run = sweep_runner.read_run(trial_dir)
+  run = workdir.read_run(trial_dir)
   rows = read_metrics(trial_dir)
   metric = ranking_metric(rows)
   split = metric.split("/")[0]
@@ -235,7 +235,7 @@ def _write_markdown(path: str, sweep: sweeps.Sweep, columns: list[str],
     f.write("\n".join(lines) + "\n")
 
 
-def _write_plot(path: str, workdir: str, rows: list[dict[str, Any]],
+def _write_plot(path: str, sweep_dir: str, rows: list[dict[str, Any]],
                 groups: list[dict[str, Any]]) -> None:
   """Left: each group's mean final top1 and 95% interval against training compute (each run
   a dot). Right: top1 against step, a line per run (Agg via Figure: no pyplot state)."""
@@ -259,13 +259,13 @@ def _write_plot(path: str, workdir: str, rows: list[dict[str, Any]],
   if by_compute.get_legend_handles_labels()[0]:
     by_compute.legend(fontsize=7)
   for row in rows:
-    curve = eval_curve(os.path.join(workdir, row["trial"]))
+    curve = eval_curve(os.path.join(sweep_dir, row["trial"]))
     if curve:
       steps, top1 = zip(*curve)
       curves.plot(steps, top1, marker="o", markersize=3, label=row["trial"])
   curves.xaxis.set_major_locator(MaxNLocator(integer=True))
   curves.set_xlabel("step")
-  curves.set_title(f"{os.path.basename(os.path.normpath(workdir))}: top1 per run")
+  curves.set_title(f"{os.path.basename(os.path.normpath(sweep_dir))}: top1 per run")
   curves.grid(alpha=0.3)
   if curves.get_legend_handles_labels()[0]:
     curves.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -280,11 +280,11 @@ GROUP_COLUMNS = ("rank", "group", "n", "seeds", "ranked_on", "top1_mean", "top1_
                  "p_vs_best", "verdict", "train_pflop", "runs")
 
 
-def summarize(workdir: str) -> list[dict[str, Any]]:
+def summarize(sweep_dir: str) -> list[dict[str, Any]]:
   """Writes DIR/summary.{md,csv,png} and DIR/trials.csv; returns the runs' rows, best first
   (group_rows(rows, keys) gives the groups)."""
-  sweep = sweeps.load_sweep(workdir)
-  rows = [trial_row(workdir, trial) for trial in sweep.trials]
+  sweep = sweeps.load_sweep(sweep_dir)
+  rows = [trial_row(sweep_dir, trial) for trial in sweep.trials]
   rows.sort(key=lambda r: (r["best_top1"] is None, -(r["best_top1"] or 0.0), r["trial"]))
   keys: list[str] = []
   for trial in sweep.trials:
@@ -292,9 +292,9 @@ def summarize(workdir: str) -> list[dict[str, Any]]:
   group_keys = [k for k in keys if k != sweeps.SEED_KEY]
   groups = group_rows(rows, group_keys)
   columns = ["trial", *keys, *METRIC_COLUMNS]
-  _write_csv(os.path.join(workdir, "trials.csv"), columns + ["error"], rows)
-  _write_csv(os.path.join(workdir, "summary.csv"),
+  _write_csv(os.path.join(sweep_dir, "trials.csv"), columns + ["error"], rows)
+  _write_csv(os.path.join(sweep_dir, "summary.csv"),
              [GROUP_COLUMNS[0], GROUP_COLUMNS[1], *group_keys, *GROUP_COLUMNS[2:]], groups)
-  _write_markdown(os.path.join(workdir, "summary.md"), sweep, columns, rows, groups, group_keys)
-  _write_plot(os.path.join(workdir, "summary.png"), workdir, rows, groups)
+  _write_markdown(os.path.join(sweep_dir, "summary.md"), sweep, columns, rows, groups, group_keys)
+  _write_plot(os.path.join(sweep_dir, "summary.png"), sweep_dir, rows, groups)
   return rows

@@ -8,8 +8,8 @@ to get_config:
     return sweeps.product(learning_rate=[1e-3, 3e-3], weight_decay=[0.01, 0.05])
 
 Each trial runs as `python train.py --config=FILE --workdir=DIR/<trial name> --config.k=v ...`
-(see mixer/sweep_runner.py), so every trial is validated here by parsing exactly those
-flags the way train.py will, before any trial starts.
+(mixer/sweep_runner.py), so every trial is validated here by parsing exactly those flags the
+way train.py will, before any trial starts.
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
-from mixer import config_lib
+from mixer import config_lib, errors, workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(ROOT, "train.py")
@@ -62,11 +63,11 @@ def _merge_axes(axes: Sequence[Mapping[str, Sequence[Any]]],
   for mapping in (*axes, more_axes):
     for key, values in mapping.items():
       if key in merged:
-        raise ValueError(f"Sweep axis {key!r} is given twice.")
+        raise errors.SweepError(f"Sweep axis {key!r} is given twice.")
       if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ValueError(f"Sweep axis {key!r} needs a list of values, got {values!r}.")
+        raise errors.SweepError(f"Sweep axis {key!r} needs a list of values, got {values!r}.")
       if not values:
-        raise ValueError(f"Sweep axis {key!r} has no values.")
+        raise errors.SweepError(f"Sweep axis {key!r} has no values.")
       merged[key] = list(values)
   return merged
 
@@ -86,7 +87,7 @@ def zipped(*axes: Mapping[str, Sequence[Any]], **more_axes: Sequence[Any]) -> li
   merged = _merge_axes(axes, more_axes)
   lengths = {key: len(values) for key, values in merged.items()}
   if len(set(lengths.values())) > 1:
-    raise ValueError(f"zipped() needs axes of equal length, got {lengths}.")
+    raise errors.SweepError(f"zipped() needs axes of equal length, got {lengths}.")
   return [dict(zip(merged, values)) for values in zip(*merged.values())]
 
 
@@ -96,9 +97,8 @@ def cross(*sweeps: Sequence[Mapping[str, Any]]) -> list[dict]:
   for parts in itertools.product(*sweeps):
     trial: dict[str, Any] = {}
     for part in parts:
-      shared = trial.keys() & part.keys()
-      if shared:
-        raise ValueError(f"cross(): key(s) {sorted(shared)} appear in more than one sweep.")
+      if shared := trial.keys() & part.keys():
+        raise errors.SweepError(f"cross(): key(s) {sorted(shared)} appear in more than one sweep.")
       trial.update(part)
     trials.append(trial)
   return trials
@@ -117,14 +117,14 @@ def _split_top_level(text: str, separator: str | None) -> list[str]:
     elif char in ")]}":
       depth -= 1
       if depth < 0:
-        raise ValueError(f"Unbalanced {char!r} in {text!r}.")
+        raise errors.SweepError(f"Unbalanced {char!r} in {text!r}.")
     elif depth == 0 and (char.isspace() if separator is None else char == separator):
       parts.append("".join(current))
       current = []
       continue
     current.append(char)
   if depth or quote:
-    raise ValueError(f"Unclosed bracket or quote in {text!r}.")
+    raise errors.SweepError(f"Unclosed bracket or quote in {text!r}.")
   parts.append("".join(current))
   return [p.strip() for p in parts if separator is not None or p.strip()]
 
@@ -144,24 +144,22 @@ def parse_sweep_flag(text: str) -> list[dict]:
   """
   axes: dict[str, list[Any]] = {}
   for axis in _split_top_level(text, None):
-    key, equals, values = axis.partition("=")
-    key = key.strip()
+    key, equals, values = (part.strip() for part in axis.partition("="))
     if not equals or not _KEY.fullmatch(key):
-      raise ValueError(f"--sweep: expected key=[v1,v2,...], got {axis!r}.")
+      raise errors.SweepError(f"--sweep: expected key=[v1,v2,...], got {axis!r}.")
     if key in axes:
-      raise ValueError(f"--sweep: {key!r} is given twice.")
-    values = values.strip()
-    if values.startswith("[") and values.endswith("]"):
-      items = _split_top_level(values[1:-1], ",")
-      if items == [""]:
-        raise ValueError(f"--sweep: {key!r} has no values.")
-      if "" in items:
-        raise ValueError(f"--sweep: empty value in {axis!r}.")
-      axes[key] = [parse_value(item) for item in items]
-    else:
+      raise errors.SweepError(f"--sweep: {key!r} is given twice.")
+    if not (values.startswith("[") and values.endswith("]")):
       axes[key] = [parse_value(values)]
+      continue
+    items = _split_top_level(values[1:-1], ",")
+    if items == [""]:
+      raise errors.SweepError(f"--sweep: {key!r} has no values.")
+    if "" in items:
+      raise errors.SweepError(f"--sweep: empty value in {axis!r}.")
+    axes[key] = [parse_value(item) for item in items]
   if not axes:
-    raise ValueError("--sweep is empty.")
+    raise errors.SweepError("--sweep is empty.")
   return product(axes)
 
 
@@ -195,17 +193,6 @@ def group_name(overrides: Mapping[str, Any]) -> str:
   return trial_name({k: v for k, v in overrides.items() if k != SEED_KEY})
 
 
-def with_seeds(trials: Sequence[Mapping[str, Any]], seeds: int) -> list[dict]:
-  """Each trial `seeds` times, with seed=0..seeds-1 (replicates for intervals)."""
-  if seeds < 1:
-    raise ValueError(f"--seeds={seeds}: need at least 1 replicate per trial.")
-  for i, overrides in enumerate(trials):
-    if SEED_KEY in overrides:
-      raise ValueError(f"trial {i} ({trial_name(overrides)}) sets seed itself; --seeds gives "
-                       "every trial seeds 0..N-1: drop one or the other.")
-  return [{**overrides, SEED_KEY: seed} for overrides in trials for seed in range(seeds)]
-
-
 def _override_flags(overrides: Mapping[str, Any]) -> list[str]:
   return [f"--config.{key}={flag_value(value)}" for key, value in overrides.items()]
 
@@ -225,17 +212,12 @@ def shell_commands(sweep: Sweep, workdir: str) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # Loading and validating.
 
-def absolute_config(config: str) -> str:
-  path, colon, arg = config.partition(":")
-  return os.path.abspath(path) + colon + arg
-
-
 def config_sweep(config: str) -> list[dict] | None:
   """The config file's get_sweep(arg), or None when it declares none."""
   path, _, arg = config.partition(":")
   spec = importlib.util.spec_from_file_location("_sweep_config", path)
   if spec is None or spec.loader is None:
-    raise ValueError(f"Cannot load config file {path!r}.")
+    raise errors.ConfigError(f"Cannot load config file {path!r}.")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   get_sweep = getattr(module, "get_sweep", None)
@@ -252,46 +234,43 @@ def _config_like_train(config: str, override_flags: list[str]):
   return flag_values.config
 
 
-def _get(config, key: str) -> Any:
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  return node
+def _node(config, key: str) -> tuple[Any, str]:
+  """(the group holding dotted `key`, or None where there is none; the key's last part)."""
+  *parents, leaf = key.split(".")
+  for part in parents:
+    config = config.get(part) if hasattr(config, "get") else None
+  return config, leaf
 
 
-def _check_keys(config, overrides: Mapping[str, Any], where: str) -> None:
-  for key in overrides:
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node.get(part) if hasattr(node, "get") else None
-    if not hasattr(node, "keys") or leaf not in node.keys():
-      raise ValueError(f"{where}: unknown config key {key!r}.")
-    if hasattr(node[leaf], "keys"):
-      raise ValueError(f"{where}: {key!r} is a group of keys; set its fields instead.")
-
-
-def validate_overrides(config: str, overrides: Mapping[str, Any], where: str) -> None:
-  """Raises ValueError (naming `where`, the key and the value) unless train.py accepts them."""
+def validate_overrides(config: str, overrides: Mapping[str, Any], where: str
+                       ) -> ml_collections.ConfigDict:
+  """The config train.py builds with these overrides; ConfigError (naming `where`, the key
+  and the value) unless train.py accepts them."""
   base = _config_like_train(config, [])
-  _check_keys(base, overrides, where)
+  for key in overrides:
+    group, leaf = _node(base, key)
+    if not hasattr(group, "keys") or leaf not in group.keys():
+      raise errors.ConfigError(f"{where}: unknown config key {key!r}.")
+    if hasattr(group[leaf], "keys"):
+      raise errors.ConfigError(f"{where}: {key!r} is a group of keys; set its fields instead.")
   try:
     parsed = _config_like_train(config, _override_flags(overrides))
   except (flags.Error, ValueError, TypeError, AttributeError, KeyError) as e:
-    raise ValueError(f"{where}: {e}") from None
+    raise errors.ConfigError(f"{where}: {e}") from None
   for key, value in overrides.items():
-    arrived = _get(parsed, key)
+    group, leaf = _node(parsed, key)
+    arrived = group[leaf]
     # Values travel as text: a None or a str field given an int would arrive changed.
     if arrived != value or type(arrived) is str and not isinstance(value, str):
-      *parents, leaf = key.split(".")
-      expected = _get(base, ".".join(parents)) if parents else base
-      raise ValueError(f"{where}: config.{key}={value!r} would reach train.py as {arrived!r} "
-                       f"(it gets --config.{key}={flag_value(value)}); give a "
-                       f"{expected.get_type(leaf).__name__} value.")
+      raise errors.ConfigError(
+          f"{where}: config.{key}={value!r} would reach train.py as {arrived!r} (it gets "
+          f"--config.{key}={flag_value(value)}); give a "
+          f"{_node(base, key)[0].get_type(leaf).__name__} value.")
   try:
     config_lib.validate(parsed)
   except ValueError as e:
-    raise ValueError(f"{where}: {e}") from None
+    raise errors.ConfigError(f"{where}: {e}") from None
+  return parsed
 
 
 def make_sweep(config: str, trials: Sequence[Mapping[str, Any]] | None = None,
@@ -300,32 +279,41 @@ def make_sweep(config: str, trials: Sequence[Mapping[str, Any]] | None = None,
   """Validates every trial of `trials` (None: the config's get_sweep) before anything runs.
 
   `trials` replaces the config file's get_sweep entirely (the command line wins). `seeds`
-  runs each trial with seeds 0..seeds-1 (with_seeds).
+  runs each trial with seed=0..seeds-1 (replicates for intervals).
   """
   if seeds is not None and seeds < 1:
-    raise ValueError(f"--seeds={seeds}: need at least 1 replicate per trial.")
-  config = absolute_config(config)
+    raise errors.SweepError(f"--seeds={seeds}: need at least 1 replicate per trial.")
+  path, colon, arg = config.partition(":")
+  config = os.path.abspath(path) + colon + arg
   base_overrides = dict(base_overrides or {})
   validate_overrides(config, base_overrides, "base overrides")
-  if trials is None:
-    trials = config_sweep(config)
-    if trials is None:
-      raise ValueError(f"{config} has no get_sweep(); pass --sweep='key=[v1,v2] ...'.")
+  if trials is None and (trials := config_sweep(config)) is None:
+    raise errors.SweepError(f"{config} has no get_sweep(); pass --sweep='key=[v1,v2] ...'.")
   if not trials:
-    raise ValueError("The sweep has no trials.")
+    raise errors.SweepError("The sweep has no trials.")
   if seeds is not None:
     if SEED_KEY in base_overrides:
-      raise ValueError("--config.seed and --seeds together: --seeds gives every trial seeds "
-                       "0..N-1; drop one or the other.")
-    trials = with_seeds(trials, seeds)
+      raise errors.SweepError("--config.seed and --seeds together: --seeds gives every trial "
+                              "seeds 0..N-1; drop one or the other.")
+    for i, overrides in enumerate(trials):
+      if SEED_KEY in overrides:
+        raise errors.SweepError(f"trial {i} ({trial_name(overrides)}) sets seed itself; --seeds "
+                                "gives every trial seeds 0..N-1: drop one or the other.")
+    trials = [{**overrides, SEED_KEY: seed} for overrides in trials for seed in range(seeds)]
   named: dict[str, Trial] = {}
+  trains: dict[str, str] = {}  # each resolved config (as JSON) -> the trial that trains it
   for i, overrides in enumerate(trials):
     trial = Trial(trial_name(overrides), dict(overrides))
     where = f"trial {i} ({trial.name})"
     if trial.name in named:
-      raise ValueError(f"{where} has the same directory name as {named[trial.name].overrides}; "
-                       "make the trials distinct.")
-    validate_overrides(config, {**base_overrides, **trial.overrides}, where)
+      raise errors.SweepError(f"{where} has the same directory name as "
+                              f"{named[trial.name].overrides}; make the trials distinct.")
+    resolved = validate_overrides(config, {**base_overrides, **trial.overrides}, where)
+    as_json = resolved.to_json(sort_keys=True)
+    if as_json in trains:
+      raise errors.SweepError(f"{where} trains the same config as {trains[as_json]} (a value "
+                              "equal to the config's own?); make the trials distinct.")
+    trains[as_json] = where
     named[trial.name] = trial
   return Sweep(config, list(named.values()), base_overrides, os.path.abspath(train_script))
 
@@ -345,23 +333,25 @@ def save_sweep(sweep: Sweep, workdir: str) -> Sweep:
     old = load_sweep(workdir)
     for field in ("config", "base_overrides"):
       if getattr(old, field) != getattr(sweep, field):
-        raise ValueError(f"{workdir} holds a sweep with {field} {getattr(old, field)!r}, not "
-                         f"{getattr(sweep, field)!r}; use another --workdir.")
+        raise errors.SweepError(f"{workdir} holds a sweep with {field} {getattr(old, field)!r}, "
+                                f"not {getattr(sweep, field)!r}; use another --workdir.")
     old_names = {t.name for t in old.trials}
     trials = old.trials + [t for t in trials if t.name not in old_names]
   merged = dataclasses.replace(sweep, trials=trials)
-  path = os.path.join(workdir, SWEEP_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(dataclasses.asdict(merged), f, indent=1)
-  os.replace(path + ".tmp", path)
+  workdir_lib.write_json_atomically(os.path.join(workdir, SWEEP_FILE), dataclasses.asdict(merged))
   return merged
 
 
 def load_sweep(workdir: str) -> Sweep:
+  """DIR/sweep.json; MissingFileError where DIR holds no sweep."""
   path = os.path.join(workdir, SWEEP_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"No {SWEEP_FILE} in {workdir}: is it a sweep's --workdir?")
-  with open(path, encoding="utf-8") as f:
-    raw = json.load(f)
-  return Sweep(raw["config"], [Trial(**t) for t in raw["trials"]], raw["base_overrides"],
-               raw["train_script"])
+    raise errors.MissingFileError(f"No {SWEEP_FILE} in {workdir}: is it a sweep's --workdir?")
+  try:
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+    return Sweep(raw["config"], [Trial(**t) for t in raw["trials"]], raw["base_overrides"],
+                 raw["train_script"])
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise errors.SweepError(f"{path} is damaged ({type(e).__name__}: {e}); it holds the "
+                            "sweep's definition: restore it, or use another --workdir.") from e

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from mixer import stats, sweep_runner, sweep_summary, sweeps
+from mixer import errors, stats, sweep_runner, sweep_summary, sweeps
 from sweep_helpers import CONFIG, ENV, read_text, run_sweep_cli
 from test_sweeps import BASE, MOCK_TRAIN
 
@@ -68,7 +68,7 @@ def test_seeds_expand_every_trial_and_name_replicates_together():
                    "learning_rate=0.004,seed=0", "learning_rate=0.004,seed=1"]
   assert [sweeps.group_name(t.overrides) for t in sweep.trials][1] == "learning_rate=0.001"
   assert sweeps.trial_name({"weight_decay": 0.1, "seed": 3}) == "weight_decay=0.1,seed=3"
-  with pytest.raises(ValueError, match="sets seed itself"):
+  with pytest.raises(errors.UserError, match="sets seed itself"):
     sweeps.make_sweep(CONFIG, [{"seed": 1}], BASE, seeds=2)
 
 

@@ -33,8 +33,9 @@ def final_params(trial_dir):
 
 
 def read_job(workdir, trial):
-  with open(os.path.join(workdir, trial.name, sweep_submitit.JOB_FILE), encoding="utf-8") as f:
-    return json.load(f)
+  """The trial's job as its trial.json records it (no job.json any more)."""
+  state = sweep_runner.read_state(os.path.join(workdir, trial.name))
+  return {key: state[key] for key in ("launcher", "job_id", "job_pid")}
 
 
 def test_slurm_launcher_without_slurm_is_one_line_and_creates_nothing(tmp_path):
@@ -63,6 +64,8 @@ def test_two_trial_sweep_completes_and_is_summarized(tmp_path, trial_env):
   for trial in good:
     state = sweep_runner.read_state(os.path.join(workdir, trial.name))
     assert state["status"] == "finished" and state["attempts"] == 1 and state["job_id"]
+    assert state["launcher"] == "submitit_local"
+    assert not os.path.exists(os.path.join(workdir, trial.name, "job.json"))
   failed = sweep_runner.read_state(os.path.join(workdir, failing.name))
   assert "no_such_dataset" in failed["error_line"]
   rows = sweep_summary.summarize(workdir)

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from mixer import sweep_runner, sweeps
+from mixer import errors, sweep_runner, sweeps
 from sweep_helpers import CONFIG, ENV, read_text, run_sweep_cli, state
 
 # Trials start with a preexec_fn, so Python forks; JAX warns when it runs threads in the
@@ -157,6 +157,49 @@ def test_rerun_leaves_a_live_trial_alone_and_resumes_a_dead_one(tmp_path):
   # sweep.py starts its trials before JAX runs any thread (forking then would risk a deadlock;
   # JAX warns). This test process does run JAX: the warning is filtered here (pytestmark).
   assert "os.fork() was called" not in proc.stderr
+
+
+def test_one_decision_per_trial_for_every_launcher(tmp_path):
+  """`plan` (both launchers): finished is skipped; stopped and failed run again; a trial whose
+  job (trial.json's launcher and job id) is still queued or running is left to it."""
+  workdir, script = str(tmp_path / "sweep"), tmp_path / "fake_train.py"
+  script.write_text(FAKE_TRAIN)
+  sweep = sweeps.make_sweep(CONFIG, [{"seed": s} for s in range(1, 6)], train_script=str(script))
+  before = {"seed=1": {"status": "finished", "returncode": 0},
+            "seed=2": {"status": "stopped", "returncode": 0},
+            "seed=3": {"status": "failed", "returncode": 1, "error_line": "boom"},
+            "seed=4": {"status": "pending", "launcher": "submitit_local",  # queued
+                       "job_id": str(os.getpid())},
+            "seed=5": {"status": "running", "launcher": "submitit_local",  # its job died
+                       "job_id": str(dead_pid())}}
+  for name, content in before.items():
+    os.makedirs(os.path.join(workdir, name))
+    sweep_runner.write_state(os.path.join(workdir, name),
+                             dict(content, name=name, attempts=1, wall_time_s=1.0))
+
+  statuses = sweep_runner.run_sweep(sweep, workdir, env=ENV)
+  assert statuses == {"seed=1": "finished", "seed=2": "finished", "seed=3": "finished",
+                      "seed=4": "running", "seed=5": "finished"}
+  ran = {name: os.path.exists(os.path.join(workdir, name, "ran.txt")) for name in before}
+  assert ran == {"seed=1": False, "seed=2": True, "seed=3": True, "seed=4": False, "seed=5": True}
+  for name in ("seed=2", "seed=3", "seed=5"):
+    after = state(workdir, name)
+    assert after["attempts"] == 2 and after["launcher"] == "local" and after["job_id"] is None
+    assert after["error_line"] is None
+  assert state(workdir, "seed=4") == dict(before["seed=4"], name="seed=4", attempts=1,
+                                          wall_time_s=1.0)  # its job's, untouched
+  line = sweep_runner.report_line(workdir, statuses)
+  assert f"running elsewhere: seed=4: submitit_local job {os.getpid()}" in line
+  assert "5 trials: 1 running, 4 finished." in line
+
+
+def test_damaged_state_files_are_user_errors_naming_the_file(tmp_path):
+  (tmp_path / sweep_runner.TRIAL_FILE).write_text('{"status": "runn')
+  with pytest.raises(errors.SweepError, match=f"{tmp_path}/trial.json is damaged"):
+    sweep_runner.read_state(str(tmp_path))
+  (tmp_path / sweeps.SWEEP_FILE).write_text('{"config": "c.py"}')
+  with pytest.raises(errors.SweepError, match=f"{tmp_path}/sweep.json is damaged .*KeyError"):
+    sweeps.load_sweep(str(tmp_path))
 
 
 SLOW_TRAIN = """

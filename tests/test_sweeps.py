@@ -15,7 +15,7 @@ import types
 import pytest
 
 from conftest import ROOT, TINY, tiny_config
-from mixer import count_params, models, sweep_runner, sweep_summary, sweeps
+from mixer import count_params, errors, models, sweep_runner, sweep_summary, sweeps
 from sweep_helpers import CONFIG, ENV, read_text, run_sweep_cli, state
 
 MOCK_TRAIN = os.path.join(ROOT, "tests", "mock_train.py")
@@ -46,11 +46,11 @@ def test_product_zipped_cross():
   assert sweeps.cross(sweeps.zipped(a=[1, 2], b=[3, 4]), sweeps.product(c=[5, 6])) == [
       {"a": 1, "b": 3, "c": 5}, {"a": 1, "b": 3, "c": 6},
       {"a": 2, "b": 4, "c": 5}, {"a": 2, "b": 4, "c": 6}]
-  with pytest.raises(ValueError, match="equal length"):
+  with pytest.raises(errors.UserError, match="equal length"):
     sweeps.zipped(a=[1, 2], b=[3])
-  with pytest.raises(ValueError, match="'a' needs a list"):
+  with pytest.raises(errors.UserError, match="'a' needs a list"):
     sweeps.product(a="S/4")
-  with pytest.raises(ValueError, match=r"\['a'\] appear in more than one"):
+  with pytest.raises(errors.UserError, match=r"\['a'\] appear in more than one"):
     sweeps.cross([{"a": 1}], [{"a": 2}])
 
 
@@ -73,7 +73,7 @@ def test_parse_sweep_flag_is_a_product_of_literals():
     ("seed=[1,,2]", "empty value"), ("", "empty"), ("9lives=[1]", "expected key="),
 ])
 def test_parse_sweep_flag_errors(text, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(errors.UserError, match=match):
     sweeps.parse_sweep_flag(text)
 
 
@@ -115,9 +115,11 @@ def test_config_get_sweep_and_command_line_replaces_it():
     ([{"seed": 1}], {"batch_siz": 8}, "base overrides: unknown config key 'batch_siz'"),
     ([{"grad_accum_steps": 3}], {"batch_size": 32}, r"config.grad_accum_steps=3"),
     ([{"model.variant": "S/4"}, {"model.variant": "S-4"}], {}, "same directory name"),
+    ([{}, {"learning_rate": 2e-3}], {}, r"trial 1 \(learning_rate=0.002\) trains the same "
+                                        r"config as trial 0 \(base\)"),
 ])
 def test_every_trial_is_validated_before_anything_runs(trials, base, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(errors.UserError, match=match):
     sweeps.make_sweep(CONFIG, trials, base)
 
 
@@ -127,7 +129,7 @@ def test_device_envs_split_gpus_evenly():
       {"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
   assert [e["CUDA_VISIBLE_DEVICES"] for e in sweep_runner.device_envs(3, list("0123"))] == [
       "0", "1", "2"]
-  with pytest.raises(ValueError, match="needs at least 4 GPUs; found 2"):
+  with pytest.raises(errors.UserError, match="needs at least 4 GPUs; found 2"):
     sweep_runner.device_envs(4, ["0", "1"])
   assert sweep_runner.visible_gpus({"CUDA_VISIBLE_DEVICES": "3, 5"}) == ["3", "5"]
   assert sweep_runner.visible_gpus({"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "0"}) == []
@@ -141,7 +143,7 @@ def test_sweep_json_grows_but_keeps_its_config(tmp_path):
   assert [t.name for t in merged.trials] == ["seed=1", "seed=2"]
   assert sweeps.load_sweep(str(tmp_path)) == merged
   other = sweeps.make_sweep(CONFIG, [{"seed": 1}], {"total_steps": 5})
-  with pytest.raises(ValueError, match="base_overrides.*use another --workdir"):
+  with pytest.raises(errors.UserError, match="base_overrides.*use another --workdir"):
     sweeps.save_sweep(other, str(tmp_path))
 
 
@@ -162,8 +164,8 @@ def test_cli_invalid_trial_fails_before_anything_runs(tmp_path):
   workdir = tmp_path / "sweep"
   proc = run_sweep_cli(f"--config={CONFIG}", f"--workdir={workdir}",
                        "--sweep=learning_rate=[1e-3,2e-3] weight_decay=[0.1,-1.0]")
-  assert proc.returncode == 1
-  assert "config.weight_decay=-1.0 is invalid" in proc.stderr
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr  # a user error: one line
+  assert "config.weight_decay=-1.0 is invalid" in proc.stderr.strip().splitlines()[-1]
   assert "trial 1 (learning_rate=0.001,weight_decay=-1.0)" in proc.stderr
   assert not workdir.exists()
 
@@ -294,3 +296,14 @@ def test_summarize_from_the_command_line_needs_only_the_workdir(ran):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert read_text(os.path.join(ran.workdir, "summary.csv")) == csv_before
   assert os.path.exists(os.path.join(ran.workdir, "summary.png"))
+
+
+
+@pytest.mark.parametrize("config_file", sorted(
+    name for name in os.listdir(os.path.join(ROOT, "configs"))
+    if "def get_sweep" in read_text(os.path.join(ROOT, "configs", name))))
+def test_every_configs_sweep_is_valid_and_its_trials_distinct(config_file):
+  """make_sweep refuses two trials that train one config (as when a config changes under its
+  sweep); each config's get_sweep() passes."""
+  sweep = sweeps.make_sweep(os.path.join(ROOT, "configs", config_file))
+  assert len(sweep.trials) >= 2
