@@ -1,21 +1,31 @@
-"""Errors a user can act on end a script with one `error: ...` line instead of a traceback.
+"""How a script ends on an error: one `error: ...` line for the user's mistakes, the
+traceback and a line asking for a report for the library's bugs.
 
   from mixer import cli_errors
 
   with cli_errors.user_errors():        # in a script's main(), around the work
     step, params = restore(...)
 
-Inside the block, USER_ERRORS (ValueError, OSError and its subclasses such as
-FileNotFoundError and PermissionError, RuntimeError, FloatingPointError) become
-`sys.exit("error: <message>")`: the message on stderr, no traceback, exit status 1. Other
-exceptions (KeyboardInterrupt, SystemExit, bugs such as TypeError or KeyError) pass through
-unchanged. `user_errors(prefix="sweep.py")` writes `sweep.py: <message>` instead.
+Inside the block:
+- a `mixer.errors.UserError` (a config value, workdir, checkpoint, dataset the user can fix)
+  or an OSError (a missing file, a permission, a full disk), or any error caused by a full
+  disk, becomes `sys.exit("error: <message>")`: the message on stderr, no traceback, exit
+  status 1;
+- any other exception (ValueError, KeyError, TypeError, RuntimeError... raised by the library
+  itself) is a bug: its traceback is printed, then one line
+  `error: this is a bug in mixer, not in your input; please report it with the traceback
+  above (<type>: <message>)`, exit status 1;
+- KeyboardInterrupt, SystemExit and absl's app.UsageError pass through unchanged.
+`user_errors(prefix="sweep.py")` writes `sweep.py: <message>` instead of `error: <message>`.
 
 `message(e)` is the text after `error: `: str(e) (the type's name when that is empty; a
 message that lists problems on lines of its own keeps them), except that an error caused
 by a full disk (an OSError with errno ENOSPC, itself or anywhere in its __cause__/__context__
 chain) reads `disk full: <filename> (No space left on device)` (the filename when the error
 has one), followed by `: <message>` when the ENOSPC error was wrapped in another.
+
+`parse_flags`, absl's flags parser for the scripts, ends a bad flag, a missing or refusing
+config file or an unknown `--config.key` with one `error:` line (exit status 2).
 
 MIXER_DEBUG=1 in the environment (any value but empty or "0") re-raises instead, with the
 full traceback.
@@ -24,13 +34,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import sys
+import traceback
 from typing import Iterator
 
+from mixer import errors
+
 DEBUG_ENV = "MIXER_DEBUG"
-USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)
+USER_ERRORS = (errors.UserError, OSError)
 
 
 def debugging() -> bool:
@@ -72,15 +86,77 @@ def message(e: BaseException) -> str:
   return line if full is e else f"{line}: {text}"
 
 
+def is_user_error(e: BaseException) -> bool:
+  """A UserError, an OSError, or an error caused by a full disk: the user's to fix."""
+  return isinstance(e, USER_ERRORS) or _disk_full(e) is not None
+
+
+def bug_line(e: BaseException) -> str:
+  """The text after `error: ` for a bug: what to do, and the exception's type and first line."""
+  kind = type(e).__qualname__
+  if type(e).__module__ not in ("builtins", "__main__"):
+    kind = f"{type(e).__module__}.{kind}"
+  first = (str(e).strip().splitlines() or [""])[0]
+  what = f"{kind}: {first}" if first else kind
+  return ("this is a bug in mixer, not in your input; please report it with the traceback "
+          f"above ({what})")
+
+
+class _DiskFullLogs(logging.Filter):
+  """Drops log records about a full disk (Orbax and asyncio log the ENOSPC with tracebacks
+  before, and at exit after, the one `disk full:` line that says it all)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and _disk_full(error) is not None:
+      return False
+    return not _ENOSPC_TEXT.search(record.getMessage())
+
+
+def _quiet_disk_full_logs() -> None:
+  """Puts _DiskFullLogs on the root logger's handlers (where every logger's records end),
+  once; it stays for the process's life, since asyncio logs its lost errors at exit. Also
+  drops the `Event loop is closed` tracebacks of TensorStore writes that complete after the
+  failed save's event loop ended (their callbacks report through sys.unraisablehook)."""
+  for handler in logging.getLogger().handlers:
+    if not any(isinstance(f, _DiskFullLogs) for f in handler.filters):
+      handler.addFilter(_DiskFullLogs())
+  if not getattr(sys.unraisablehook, "drops_closed_loop_errors", False):
+    sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook)
+
+
+def _without_closed_loop_errors(hook):
+  def unraisablehook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return  # a late callback of an ended event loop: nothing left to tell or to do
+    hook(unraisable)
+  unraisablehook.drops_closed_loop_errors = True
+  return unraisablehook
+
+
 @contextlib.contextmanager
 def user_errors(prefix: str = "error") -> Iterator[None]:
-  """Turns USER_ERRORS raised inside into `sys.exit(f"{prefix}: {message(e)}")`."""
+  """Ends the script on an exception raised inside (see the module docstring): a user error
+  as `sys.exit(f"{prefix}: {message(e)}")`, a bug as its traceback and `{prefix}: <bug_line>`.
+  Log records about a full disk are dropped (but under MIXER_DEBUG)."""
+  if not debugging():
+    _quiet_disk_full_logs()
   try:
     yield
-  except USER_ERRORS as e:
-    if debugging():
+  except Exception as e:  # pylint: disable=broad-except  # sorted into user errors and bugs
+    if debugging() or _is_usage_error(e):
       raise
-    sys.exit(f"{prefix}: {message(e)}")
+    if is_user_error(e):
+      sys.exit(f"{prefix}: {message(e)}")
+    traceback.print_exc()
+    sys.exit(f"{prefix}: {bug_line(e)}")
+
+
+def _is_usage_error(e: BaseException) -> bool:
+  """absl's app.UsageError: absl.app.run prints the usage for it."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  return isinstance(e, app.UsageError)
 
 
 def _missing_config_file(argv: list[str]) -> str | None:
