@@ -52,4 +52,4 @@ def main(argv):
 
 if __name__ == "__main__":
   runtime.prepare_process()
-  app.run(main)
+  app.run(main, flags_parser=cli_errors.parse_flags)

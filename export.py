@@ -25,10 +25,9 @@ def main(argv):
   with cli_errors.user_errors():
     step, config, params = saved_runs.restore_params(FLAGS.workdir, FLAGS.checkpoint)
     pretrained.export_npz(params, FLAGS.out)
-  which = "EMA parameters" if saved_runs.parameters_used(config) == "ema" else "parameters"
-  print(f"Wrote the {which} of step {step} to {FLAGS.out}.")
+  print(f"Wrote the {saved_runs.describe_parameters(config)} of step {step} to {FLAGS.out}.")
 
 
 if __name__ == "__main__":
   runtime.prepare_process()
-  app.run(main)
+  app.run(main, flags_parser=cli_errors.parse_flags)

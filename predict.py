@@ -25,12 +25,12 @@ def main(argv):
   runtime.quiet_logs()
   if len(argv) < 2:
     raise app.UsageError("Give one or more image files: predict.py --workdir=DIR IMAGE...")
-  from mixer import evaluation, evaluator, saved_runs  # pylint: disable=g-import-not-at-top
+  from mixer import evaluation, evaluator, saved_runs, workdir as layout  # pylint: disable=g-import-not-at-top
   with cli_errors.user_errors():  # bad workdir or checkpoint: one line (MIXER_DEBUG=1: traceback)
     step, predictions = evaluation.predict_files(FLAGS.workdir, argv[1:], FLAGS.checkpoint,
                                                  FLAGS.data_dir, FLAGS.top_k)
-  config = saved_runs.load_config(FLAGS.workdir)
-  how = "EMA parameters" if saved_runs.parameters_used(config) == "ema" else "trained parameters"
+  config = layout.load_config(FLAGS.workdir)
+  how = saved_runs.describe_parameters(config)
   views = evaluator.describe_views(config.eval_flip, config.eval_shift)
   how += f", {views}" if views else ""
   print(f"Checkpoint: step {step} of {FLAGS.workdir} ({how})")
@@ -46,4 +46,4 @@ def main(argv):
 
 if __name__ == "__main__":
   runtime.prepare_process()
-  app.run(main)
+  app.run(main, flags_parser=cli_errors.parse_flags)

@@ -15,6 +15,8 @@ import os
 import time
 from typing import Any
 
+from mixer import errors
+
 # Seconds of training timed to measure the step rate, and what the plan keeps in reserve for
 # what it does not time: checkpoint saves, the end of the process, the rate's drift. The
 # window is the run's own first steps when they fall in the warmup (whose learning rates do
@@ -57,8 +59,8 @@ def steps_for_pflop(budget_pflop: float, model: Any, image_size: int, batch_size
   per_step = training_pflop(model, image_size, batch_size, 1)
   steps = int(budget_pflop // per_step)
   if steps < 1:
-    raise ValueError(f"config.budget_pflop={budget_pflop} is less than one training step "
-                     f"({per_step:.3g} PFLOP at batch_size={batch_size}).")
+    raise errors.ConfigError(f"config.budget_pflop={budget_pflop} is less than one training "
+                             f"step ({per_step:.3g} PFLOP at batch_size={batch_size}).")
   return steps
 
 
@@ -123,7 +125,7 @@ def plan_minutes(budget_minutes: float, elapsed_s: float, step_s: float, eval_s:
     mid = (lo + hi + 1) // 2
     lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
   if lo < 1:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.budget_minutes={budget_minutes:g} leaves no time to train: {elapsed_s:.0f} s "
         f"were spent before training, a step takes {step_s:.2f} s and an evaluation "
         f"{eval_s:.0f} s. Raise the budget.")

@@ -1,6 +1,9 @@
 """Orbax checkpoints in `WORKDIR/checkpoints`: async, atomic, latest N plus the best, checksummed.
 
-Steps are saved explicitly by the training loop.
+Steps are saved explicitly by the training loop. `restore` is the one way a step is read back,
+for resuming (`restore_latest_good`) and for evaluate/predict/export (`saved_runs`): it checks
+the step against its checksums and its parameters' shapes against the model's, and every
+failure is an `errors.UserError` naming the step (see "Restoring a step" below).
 
 Integrity. Once a step saved by this process is final (Orbax renames its temporary
 directory when the async save finishes; `wait_until_finished` returns after that), the size
@@ -19,16 +22,22 @@ only rank steps for "best": without them the step is still restorable).
 
 A save that fails (a full disk: Orbax's writer thread reports ENOSPC as RESOURCE_EXHAUSTED
 text, raised at the next save or at close) leaves no partial `<step>.orbax-checkpoint-tmp`
-directory: it is removed, and the RuntimeError names the step and the last complete one.
+directory: it is removed, and the MachineError names the step and the last complete one.
+
+Restoring a step (`restore`) raises
+  * CorruptCheckpointError when its files differ from its manifest (proven damaged), naming
+    the steps that are not;
+  * CheckpointError when its parameters do not fit the model (naming the arrays missing,
+    extra or of another shape) or it cannot be read for another reason;
+  * MachineError when reading failed because of the machine rather than the files
+    (MemoryError, an OSError other than a missing file, e.g. ENOSPC, EIO, EACCES, or a
+    TensorStore error saying so: RESOURCE_EXHAUSTED, PERMISSION_DENIED, "No space left", ...).
 
 `restore_latest_good` (resuming a run) goes from the newest step down:
   * a proven-damaged step is moved to `WORKDIR/corrupt_checkpoints/` with its manifest,
     and the next older step is tried;
-  * a restore that fails because of the machine rather than the files (MemoryError, an
-    OSError other than a missing file, e.g. ENOSPC, EIO, EACCES, or a TensorStore error
-    saying so: RESOURCE_EXHAUSTED, PERMISSION_DENIED, "No space left", ...) stops at once
-    with a RuntimeError naming the step; nothing is moved, since the same step will load
-    once the cause is fixed;
+  * a MachineError stops at once; nothing is moved, since the same step will load once the
+    cause is fixed;
   * any other restore error (truncated or garbled files of a step without a manifest, a
     structure that no longer fits) sets the step aside only if an older step does load,
     as before: a run's steps share one structure, so the newer step is the damaged one.
@@ -37,6 +46,7 @@ directory: it is removed, and the RuntimeError names the step and the last compl
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -47,13 +57,19 @@ import shutil
 import time
 from typing import Any
 
+import flax
 import jax
+from etils import epath
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from mixer import errors, parallel, pretrained
+from mixer import workdir as layout
+
 BEST_METRIC = "val/top1"  # only runs with a validation split have a "best" step
-CHECKSUMS_DIR = "checkpoints_checksums"
+# CheckpointManager stores its single item under this name inside each step's directory.
+CHECKPOINT_ITEM = "default"
 HASH = "sha256"
 # Orbax's per-step metrics item (CheckpointManager's METRIC_ITEM_NAME): may be missing.
 OPTIONAL_ITEMS = ("metrics",)
@@ -68,17 +84,23 @@ _ENVIRONMENT_TEXT = ("resource_exhausted", "permission_denied", "unavailable:",
                      "permission denied", "read-only file system", "too many open files",
                      "stale file handle")
 
-CHECKPOINT_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(errors.CheckpointError):
   """A step's files differ from the checksums written when it was saved."""
 
-  def __init__(self, step: int, directory: str, problems: list[str]):
+  def __init__(self, step: int, directory: str, problems: list[str],
+               good_steps: list[int] | None = None):
     self.step, self.directory, self.problems = step, directory, problems
     shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
                                        if len(problems) > 3 else "")
-    super().__init__(f"The checkpoint at step {step} in {directory} is damaged ({shown})")
+    good = f"; good steps: {good_steps}" if good_steps is not None else ""
+    super().__init__(f"The checkpoint at step {step} in {directory} is damaged ({shown}){good}")
+
+
+class MachineError(errors.UserError, RuntimeError):
+  """Reading or writing a checkpoint failed because of the machine (memory, disk, I/O,
+  permissions), not because of the checkpoint: the same step works once that is fixed."""
 
 
 def environment_error(error: BaseException) -> BaseException | None:
@@ -130,8 +152,9 @@ class Checkpoints:
   """Saves and restores one pytree (the train state) per step."""
 
   def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-    self.checksums_dir = os.path.join(os.path.abspath(workdir), CHECKSUMS_DIR)
+    self.workdir = os.path.abspath(workdir)
+    self.directory = layout.path(self.workdir, layout.CHECKPOINT_DIR)
+    self.checksums_dir = layout.path(self.workdir, layout.CHECKSUMS_DIR)
     self.read_only = read_only
     self._unmanifested: set[int] = set()  # steps saved here whose manifest is not written yet
     self._saving: int | None = None  # the step of the latest save started here
@@ -154,6 +177,31 @@ class Checkpoints:
   def best_step(self) -> int | None:
     return self.manager.best_step()
 
+  def resolve_step(self, checkpoint: str | int) -> int:
+    """'latest', 'best' (by val/top1; the latest when no step has it) or a saved step."""
+    steps = self.all_steps()
+    if not steps:
+      raise errors.MissingFileError(f"No checkpoint in {self.directory} "
+                                    f"({layout.contents(self.workdir)}).")
+    if isinstance(checkpoint, int) or str(checkpoint).isdigit():
+      step = int(checkpoint)
+      if step not in steps:
+        raise errors.CheckpointError(f"No checkpoint at step {step} in {self.directory}; saved "
+                                     f"steps: {', '.join(map(str, steps))}.")
+      return step
+    if checkpoint == "latest":
+      return steps[-1]
+    if checkpoint == "best":
+      best = self.best_step()
+      if best is None:
+        logging.warning("No checkpoint in %s has val/top1 to pick the best by (runs without a "
+                        "val_split have none); using the latest, step %d.", self.directory,
+                        steps[-1])
+        return steps[-1]
+      return best
+    raise errors.ConfigError(f"checkpoint must be 'latest', 'best' or a step number, got "
+                             f"{checkpoint!r}.")
+
   def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
     """Starts an async save; `metrics` with val/top1 make the step a candidate for best."""
     if metrics is not None and BEST_METRIC not in metrics:
@@ -168,15 +216,65 @@ class Checkpoints:
     if saved:
       self._unmanifested.add(step)
 
-  def restore(self, step: int, abstract_state: Any = None) -> Any:
-    """Restores `step` as it is, unverified; without `abstract_state`, as saved (nested
-    dicts, default device)."""
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  # --- Restoring: the one way back from a saved step.
 
-  def restore_verified(self, step: int, abstract_state: Any = None) -> Any:
-    """`restore` after `verify`: raises CorruptCheckpointError for a proven-damaged step."""
-    self.verify(step)
-    return self.restore(step, abstract_state)
+  def restore(self, step: int, target: Any = None, model_params: Any = None) -> Any:
+    """Step `step`'s state, checked: its files against their checksums, its `params` against
+    `model_params`; errors as in the module docstring, each naming the step.
+
+    `target`: the abstract state to restore into (shapes, dtypes, shardings; training's
+    TrainState). None: the step's own tree (nested dicts) replicated on this process's
+    devices, whatever the device count it was saved on (evaluation).
+    `model_params`: the abstract parameters the model expects, or a function of the step's
+    saved parameter metadata that returns them (evaluation sizes the head from it); None
+    skips the shape check.
+    """
+    try:
+      self.verify(step)
+    except CorruptCheckpointError as e:
+      raise CorruptCheckpointError(step, self.directory, e.problems,
+                                   self.good_steps(exclude=step)) from None
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_unreadable(step, e)
+    saved = None
+    if target is None or model_params is not None:
+      try:
+        item_dir = epath.Path(self.directory) / str(step) / CHECKPOINT_ITEM
+        saved = ocp.StandardCheckpointHandler().metadata(item_dir).tree
+      except Exception as e:  # pylint: disable=broad-except
+        self._raise_unreadable(step, e)
+    if model_params is not None:
+      saved_params = saved.get("params") if isinstance(saved, dict) else None
+      if saved_params is None:
+        raise errors.CheckpointError(f"The checkpoint at step {step} in {self.directory} "
+                                     "holds no parameters ('params'): it is not a training "
+                                     "state saved by train.py.")
+      expected = model_params(saved_params) if callable(model_params) else model_params
+      check_param_shapes(saved_params, expected,
+                         f"The checkpoint at step {step} in {self.directory}")
+    if target is None:
+      replicated = parallel.replicated(parallel.make_mesh())
+      target = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), saved)
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_unreadable(step, e)
+
+  def _raise_unreadable(self, step: int, error: Exception) -> None:
+    """MachineError when the machine is to blame (see environment_error), else
+    CheckpointError; both name the step."""
+    cause = environment_error(error)
+    if cause is not None:
+      raise MachineError(
+          f"The checkpoint at step {step} in {self.directory} could not be read because of "
+          f"the machine, not the checkpoint ({type(cause).__name__}: {str(cause)[:500]}); it "
+          "is left where it is. Free memory or disk space, or fix the permissions, and run "
+          "again.") from error
+    others = [s for s in self.all_steps() if s != step]
+    raise errors.CheckpointError(
+        f"The checkpoint at step {step} in {self.directory} could not be read "
+        f"({type(error).__name__}: {str(error)[:500]}); other saved steps: {others}.") from error
 
   # --- Checksums.
 
@@ -235,7 +333,7 @@ class Checkpoints:
   def _raise_save_failed(self, error: Exception) -> None:
     """Removes the partial step directory a failed save left, then raises: for an error of
     the machine (a full disk, which Orbax reports from its writer thread, I/O, permission)
-    a RuntimeError naming the step and the last complete one; any other error as it is.
+    a MachineError naming the step and the last complete one; any other error as it is.
     Complete steps are untouched (Orbax renames a step into place once fully written)."""
     removed = self._remove_partial_saves()
     self._unmanifested.discard(self._saving)
@@ -250,7 +348,7 @@ class Checkpoints:
     # A full disk is named by cli_errors with the file; other causes are told here.
     why = ("" if "no space left" in str(error).lower()
            else f" ({type(error).__name__}: {str(error)[:300]})")
-    raise RuntimeError(f"Saving the checkpoint of step {self._saving} in {self.directory} "
+    raise MachineError(f"Saving the checkpoint of step {self._saving} in {self.directory} "
                        f"failed; {cleaned}{kept}{why}.") from error
 
   def _remove_partial_saves(self) -> list[str]:
@@ -318,25 +416,26 @@ class Checkpoints:
 
   # --- Resuming.
 
-  def restore_latest_good(self, abstract_state: Any) -> tuple[int, Any] | None:
-    """Restores the newest step that loads; None when there is no checkpoint at all.
+  def restore_latest_good(self, abstract_state: Any, model_params: Any = None
+                          ) -> tuple[int, Any] | None:
+    """Restores (`restore`) the newest step that loads; None when there is no checkpoint.
 
     See the module docstring: proven-damaged steps are moved to `corrupt_checkpoints/`
-    (never deleted); errors of the machine stop with a RuntimeError, moving nothing; other
-    restore errors move the newer steps aside only when an older step loads.
+    (never deleted); a MachineError stops at once, moving nothing; other restore errors move
+    the newer steps aside only when an older step loads.
     """
     failures = []  # (step, error, proven damaged)
     for step in reversed(self.all_steps()):
       try:
-        state = self.restore_verified(step, abstract_state)
+        state = self.restore(step, abstract_state, model_params)
       except CorruptCheckpointError as e:
         logging.warning("%s.", e)
         failures.append((step, e, True))
         continue
-      except Exception as e:  # pylint: disable=broad-except
-        self._raise_if_environment(step, e)
-        logging.warning("Checkpoint at step %d could not be restored (%s: %s).", step,
-                        type(e).__name__, str(e)[:500])
+      except MachineError:
+        raise
+      except errors.CheckpointError as e:
+        logging.warning("%s", e)
         failures.append((step, e, False))
         continue
       for bad_step, error, proven in failures:
@@ -353,29 +452,20 @@ class Checkpoints:
       details = "; ".join(
           f"step {s}: damaged ({'; '.join(e.problems[:3])}), moved to {self.quarantine_dir}"
           if proven else
-          f"step {s}: {type(e).__name__}: {str(e)[:300]}" for s, e, proven in failures)
+          f"step {s}: {str(e).replace(f'The checkpoint at step {s} in {self.directory} ', '')}"
+          for s, e, proven in failures)
       if len(moved) == len(failures):
-        raise RuntimeError(
+        raise errors.CheckpointError(
             f"Every checkpoint in {self.directory} was damaged ({details}). Nothing is left "
             "to resume from: run again to start from step 0, or use a new --workdir.")
-      raise RuntimeError(
+      raise errors.CheckpointError(
           f"No checkpoint in {self.directory} could be restored for this config ({details}). "
           "If the model, optimizer or dataset changed, use a new --workdir.")
     return None
 
-  def _raise_if_environment(self, step: int, error: Exception) -> None:
-    cause = environment_error(error)
-    if cause is None:
-      return
-    raise RuntimeError(
-        f"The checkpoint at step {step} in {self.directory} could not be read because of the "
-        f"machine, not the checkpoint ({type(cause).__name__}: {str(cause)[:500]}); it is left "
-        "where it is. Free memory or disk space, or fix the permissions, and run again."
-    ) from error
-
   @property
   def quarantine_dir(self) -> str:
-    return os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+    return layout.path(self.workdir, layout.QUARANTINE_DIR)
 
   def _quarantine(self, step: int) -> None:
     """Moves a damaged step (and its manifest) aside, not deleted, so it can be saved again."""
@@ -396,3 +486,34 @@ class Checkpoints:
     self._finish_saved_steps()
     self.manager.close()
 
+
+def _by_module(keys: set[str]) -> str:
+  counts = collections.Counter(key.split("/")[0] for key in keys)
+  return ", ".join(f"{module} ({n} array{'s' if n > 1 else ''})"
+                   for module, n in sorted(counts.items()))
+
+
+def check_param_shapes(params: Any, expected: Any, where: str) -> None:
+  """Raises CheckpointError naming the parameters missing, extra or of another shape.
+
+  `params` and `expected`: nested dicts of anything with a `.shape` (arrays, metadata).
+  """
+  got = flax.traverse_util.flatten_dict(params, sep="/")
+  want = flax.traverse_util.flatten_dict(expected, sep="/")
+  missing, extra, misshaped = pretrained.tree_diff(got, want)
+  first = lambda key: (key.startswith("MixerBlock_"), key)  # stem, head, norm before the blocks
+  shapes = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(want[k].shape)}"
+            for k in sorted(misshaped, key=first)]
+  problems = []
+  if missing:
+    problems.append(f"Missing from the checkpoint: {_by_module(set(missing))}")
+  if extra:
+    problems.append(f"Not in the model: {_by_module(set(extra))}")
+  if shapes:
+    shown = "; ".join(shapes[:8]) + (f"; and {len(shapes) - 8} more" if len(shapes) > 8 else "")
+    problems.append(f"Of another shape ({len(shapes)}): {shown}")
+  if problems:
+    raise errors.CheckpointError(
+        f"{where} does not match the model built from the run's config. "
+        f"{'. '.join(problems)}. Was {layout.CONFIG_FILE} edited, the model changed on "
+        "resume, or the checkpoint copied from another run?")

@@ -22,10 +22,9 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from mixer import config_lib
+from mixer import errors
+from mixer import workdir as layout
 
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "config_history.jsonl"
 # config.json's entry for a budget_minutes decision (not a config key: it is measured).
 BUDGET_KEY = "budget"
 OPERATIONAL_KEYS = frozenset({"data_dir", "log_every_steps", "eval_every_steps",
@@ -48,15 +47,13 @@ def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-  """{dotted key: (saved value, current value)} for every key whose value differs.
+  """{dotted key: (saved value, current value)} for every key of `current` whose value differs.
 
-  A key the saved config lacks (added to the code since) is compared at its default; a key
-  the code no longer has is ignored.
+  `saved` is the run's config as `workdir.load_config` reads it (over today's defaults: a key
+  added to the code since compares at its default); a key the code no longer has is ignored.
   """
-  defaults = flatten(as_json(config_lib.base_config()))
   old, new = flatten(saved), flatten(current)
-  return {key: (old.get(key, defaults.get(key)), value) for key, value in new.items()
-          if old.get(key, defaults.get(key)) != value}
+  return {key: (old.get(key), value) for key, value in new.items() if old.get(key) != value}
 
 
 def _format(changes: dict[str, tuple[Any, Any]]) -> str:
@@ -65,28 +62,22 @@ def _format(changes: dict[str, tuple[Any, Any]]) -> str:
 
 def check(config: ml_collections.ConfigDict, workdir: str,
           allowed: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
-  """Raises ValueError when `workdir` holds a run whose run-defining config differs.
+  """Raises ConfigError when `workdir` holds a run whose run-defining config differs
+  (WorkdirError when its config.json is unreadable).
 
   Returns the accepted changes (operational or `allowed` keys); {} for a new workdir.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not os.path.exists(layout.path(workdir, layout.CONFIG_FILE)):
     return {}
-  try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path} is unreadable ({e}); it records the config of the run in "
-                     f"{workdir}. Restore it, or use a new --workdir.") from None
-  changes = differences(saved, as_json(config))
+  changes = differences(as_json(layout.load_config(workdir)), as_json(config))
   allowed = set(allowed)
   refused = {k: v for k, v in changes.items() if k not in OPERATIONAL_KEYS and k not in allowed}
   if refused:
     names = ",".join(sorted(refused))
-    raise ValueError(
+    raise errors.ConfigError(
         f"{workdir} holds a run with a different config ({_format(refused)}). Use a new "
         f"--workdir, or resume with --allow_config_change={names} to change it on purpose "
-        f"(recorded in {HISTORY_FILE}).")
+        f"(recorded in {layout.HISTORY_FILE}).")
   if changes:
     logging.info("Config changes accepted on resume: %s.", _format(changes))
   return changes
@@ -95,7 +86,7 @@ def check(config: ml_collections.ConfigDict, workdir: str,
 def record(config: ml_collections.ConfigDict, workdir: str, step: int,
            changes: dict[str, tuple[Any, Any]]) -> None:
   """Writes config.json and appends to the history when the run starts or its config changed."""
-  history = os.path.join(workdir, HISTORY_FILE)
+  history = layout.path(workdir, layout.HISTORY_FILE)
   current = as_json(config)
   if os.path.exists(history) and not changes:
     return
@@ -103,42 +94,30 @@ def record(config: ml_collections.ConfigDict, workdir: str, step: int,
            "changes": {k: {"from": a, "to": b} for k, (a, b) in sorted(changes.items())},
            "config": current}
   if not os.path.exists(history):
-    old = os.path.join(workdir, CONFIG_FILE)
-    if os.path.exists(old) and changes:  # a run from before the history existed
-      with open(old, encoding="utf-8") as f:
-        first = {"time": None, "step": None, "changes": {}, "config": json.load(f)}
+    if os.path.exists(layout.path(workdir, layout.CONFIG_FILE)) and changes:
+      # A run from before the history existed: its config.json is the first entry.
+      first = {"time": None, "step": None, "changes": {}, "config": layout.read_config(workdir)}
       with open(history, "a", encoding="utf-8") as f:
         f.write(json.dumps(first, sort_keys=True) + "\n")
   with open(history, "a", encoding="utf-8") as f:
     f.write(json.dumps(entry, sort_keys=True) + "\n")
   budget = read_budget(workdir)
-  _write_config(workdir, {**current, BUDGET_KEY: budget} if budget else current)
-
-
-def _write_config(workdir: str, content: dict[str, Any]) -> None:
-  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(content, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+  layout.write_config(workdir, {**current, BUDGET_KEY: budget} if budget else current)
 
 
 def read_budget(workdir: str) -> dict[str, Any] | None:
-  """The budget_minutes decision recorded in WORKDIR/config.json, or None."""
-  try:
-    with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
-      return json.load(f).get(BUDGET_KEY)
-  except (OSError, json.JSONDecodeError, AttributeError):
+  """The budget_minutes decision recorded in WORKDIR/config.json; None for a new run."""
+  if not os.path.exists(layout.path(workdir, layout.CONFIG_FILE)):
     return None
+  return layout.read_config(workdir).get(BUDGET_KEY)
 
 
 def record_budget(workdir: str, step: int, decision: dict[str, Any]) -> None:
   """Adds a budget decision (measured rates, chosen total_steps) to config.json and history."""
-  with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
-    current = json.load(f)
-  _write_config(workdir, {**current, BUDGET_KEY: decision})
+  layout.write_config(workdir, {**layout.read_config(workdir), BUDGET_KEY: decision})
   entry = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "step": step,
            BUDGET_KEY: decision}
-  with open(os.path.join(workdir, HISTORY_FILE), "a", encoding="utf-8") as f:
+  with open(layout.path(workdir, layout.HISTORY_FILE), "a", encoding="utf-8") as f:
     f.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
@@ -152,7 +131,7 @@ def record_device_count(workdir: str, step: int, count: int) -> int | None:
   The sharding of each step's batch, hence the order of float reductions, follows the device
   count: a run resumed on another count continues, but not as an uninterrupted one would.
   """
-  history = os.path.join(workdir, HISTORY_FILE)
+  history = layout.path(workdir, layout.HISTORY_FILE)
   previous = None
   try:
     with open(history, encoding="utf-8") as f:

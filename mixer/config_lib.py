@@ -8,9 +8,9 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from mixer import models
+from mixer import errors, models
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "muon", "schedule_free_adamw", "lion")  # mixer/optim.py
 LR_SCHEDULES = ("cosine", "linear")
 DTYPES = ("auto", "float32", "bfloat16")
 TOKEN_MIXING = ("auto", *models.TOKEN_MIXING)
@@ -96,8 +96,8 @@ def parse_arg(arg: str | None, choices: tuple[str, ...] = ()) -> tuple[str | Non
   rest = [p for p in parts if p != "smoke"]
   if len(rest) > 1 or (rest and rest[0] not in choices):
     allowed = ", ".join(repr(c) for c in (*choices, "smoke"))
-    raise ValueError(f"Unknown config argument {arg!r}; expected one of {allowed}"
-                     f"{' (or CHOICE,smoke)' if choices else ''}.")
+    raise errors.ConfigError(f"Unknown config argument {arg!r}; expected one of {allowed}"
+                             f"{' (or CHOICE,smoke)' if choices else ''}.")
   return (rest[0] if rest else None), smoke
 
 
@@ -133,15 +133,15 @@ def budget_set(c: ml_collections.ConfigDict) -> bool:
 
 def _check(ok: bool, key: str, value, why: str) -> None:
   if not ok:
-    raise ValueError(f"config.{key}={value!r} is invalid: {why}.")
+    raise errors.ConfigError(f"config.{key}={value!r} is invalid: {why}.")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the key for any bad value."""
+  """Raises errors.ConfigError (a ValueError) naming the key for any bad value."""
   try:
     models.parse_variant(c.model.variant)
   except ValueError as e:
-    raise ValueError(f"config.model.variant: {e}") from None
+    raise errors.ConfigError(f"config.model.variant: {e}") from None
   for key in ("hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim"):
     value = c.model[key]
     _check(value is None or value >= 1, f"model.{key}", value, "must be >= 1 (or None)")
@@ -168,7 +168,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c[key] >= 0, key, c[key], "must be >= 0 (0 disables)")
   _check(not (c.budget_pflop and c.budget_minutes), "budget_minutes", c.budget_minutes,
          f"set at most one budget (budget_pflop={c.budget_pflop} is set too; 0 turns one off)")
-  _check(c.optimizer in OPTIMIZERS, "optimizer", c.optimizer, f"expected one of {OPTIMIZERS}")
+  _check(c.optimizer in OPTIMIZERS, "optimizer", c.optimizer,
+         f"expected one of {', '.join(repr(o) for o in OPTIMIZERS)}")
+  _check(not (c.optimizer == "schedule_free_adamw" and c.ema_decay), "ema_decay", c.ema_decay,
+         "optimizer='schedule_free_adamw' evaluates its own average of the iterates; set "
+         "ema_decay=0")
   _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule", c.lr_schedule,
          f"expected one of {LR_SCHEDULES}")
   _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "must be > 0")

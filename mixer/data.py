@@ -12,15 +12,16 @@ import glob
 import logging
 import os
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer import rng_streams
+from mixer import errors, rng_streams
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(errors.MissingFileError):
   """The dataset is not prepared where we looked, and we will not try to download it."""
 
 
@@ -50,7 +51,8 @@ def load_split(dataset: str, split: str, data_dir: str | None = None) -> Split:
   """Reads a TFDS image-classification split (features `image`, `label`) into memory.
 
   Never downloads: a dataset that is not prepared fails at once with a message saying
-  where we looked and how to provide it.
+  where we looked and how to provide it. A split string TFDS refuses (an unknown split, a
+  slice that selects nothing) is a DataError naming it.
   """
   import tensorflow as tf  # Imported here so that TF never grabs an accelerator.
   import tensorflow_datasets as tfds
@@ -65,15 +67,18 @@ def load_split(dataset: str, split: str, data_dir: str | None = None) -> Split:
   except (AssertionError, tfds.core.DatasetNotFoundError, FileNotFoundError) as e:
     raise DatasetNotFoundError(_not_found_message(dataset, split, root, data_dir, e)) from None
   except tf.errors.DataLossError as e:
-    raise ValueError(_corrupt_message(dataset, split, root, e)) from None
+    raise errors.DataError(_corrupt_message(dataset, split, root, e)) from None
+  except (ValueError, tf.errors.OpError) as e:  # TFDS's split parsing; an empty/reversed slice
+    raise errors.DataError(_bad_split_message(dataset, split, e)) from None
   missing = {"image", "label"} - set(info.features)
   if missing:
-    raise ValueError(f"Dataset {dataset!r} has no {sorted(missing)} feature; "
-                     "Mixer needs an image-classification dataset with `image` and `label`.")
+    raise errors.DataError(f"Dataset {dataset!r} has no {sorted(missing)} feature; "
+                           "Mixer needs an image-classification dataset with `image` and `label`.")
   images = np.asarray(arrays["image"], np.uint8)
   if images.ndim != 4:
-    raise ValueError(f"Dataset {dataset!r} images have shape {images.shape[1:]}; "
-                     "variable-size images are not supported.")
+    raise errors.DataError(f"Dataset {dataset!r} images have shape {images.shape[1:]}; "
+                           "variable-size images are not supported.")
+  _warn_unnamed_classes(dataset, root, info.features)
   coarse = None
   if "coarse_label" in info.features:
     coarse = (np.asarray(arrays["coarse_label"], np.int32),
@@ -136,6 +141,35 @@ def _check_metadata(dataset: str, root: str) -> None:
         "dataset_info.json and features.json), or rebuild it with `tfds build`.")
 
 
+def _bad_split_message(dataset: str, split: str, error: Exception) -> str:
+  """The first line of TFDS's complaint about `split`, without TF's `{{function_node ...}}`."""
+  text = re.sub(r"^\{\{[^}]*\}\}\s*", "", getattr(error, "message", str(error)).strip())
+  first = re.sub(r"\s*\[Op:\w+\].*$", "", (text.splitlines() or [type(error).__name__])[0])[:300]
+  if _SPLIT_SYNTAX not in first:
+    first += f" (split syntax: {_SPLIT_SYNTAX})"
+  return f"Dataset {dataset!r} split {split!r} could not be read: {first}"
+
+
+_SPLIT_SYNTAX = "https://www.tensorflow.org/datasets/splits"
+
+
+def _warn_unnamed_classes(dataset: str, root: str, features: Any) -> None:
+  """One warning line per label feature whose names file (`<feature>.labels.txt`, written by
+  TFDS beside dataset_info.json) is missing: TFDS then names the classes '0', '1', ... (the
+  labels themselves, and so training, are unaffected)."""
+  version_dir = _version_dir(dataset, root)
+  if version_dir is None or not os.path.isdir(version_dir):
+    return
+  for key in ("label", "coarse_label"):
+    names_file = f"{key}.labels.txt"
+    if key in features and not os.path.isfile(os.path.join(version_dir, names_file)):
+      count = features[key].num_classes
+      logging.warning(
+          "%s has no %s: the %d classes of '%s' are named by their index ('0' to '%d') in "
+          "reports, predictions and class_names.json; copy %s from where the dataset was "
+          "prepared to name them.", version_dir, names_file, count, key, count - 1, names_file)
+
+
 def _version_dir(dataset: str, root: str) -> str | None:
   """root/NAME[/CONFIG]/VERSION for 'NAME[/CONFIG][:VERSION]' (VERSION: this TFDS's)."""
   name, _, version = dataset.partition(":")
@@ -167,7 +201,7 @@ def _corrupt_message(dataset: str, split: str, root: str, error: Exception) -> s
 
 
 def check_disjoint(train: Split, val: Split, train_name: str, val_name: str) -> None:
-  """Raises ValueError when validation examples also appear in training (a split overlap).
+  """Raises ConfigError when validation examples also appear in training (a split overlap).
 
   Compares image bytes with labels. Datasets repeat a few images (CIFAR-100's train split
   has 49,986 distinct images in 50,000), so a handful shared is tolerated with a warning;
@@ -181,7 +215,7 @@ def check_disjoint(train: Split, val: Split, train_name: str, val_name: str) -> 
     logging.warning("%d of the %d validation examples (%s) also appear in %s (repeated "
                     "images in the dataset).", shared, len(val), val_name, train_name)
   elif shared:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.val_split={val_name!r} shares {shared} of its {len(val)} examples with "
         f"config.train_split={train_name!r}; hold validation out of training, e.g. "
         "train_split='train[:98%]' with val_split='train[98%:]'.")
@@ -190,7 +224,7 @@ def check_disjoint(train: Split, val: Split, train_name: str, val_name: str) -> 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Training drops each epoch's last partial batch; every epoch is a fresh permutation."""
   if num_examples < batch_size:
-    raise ValueError(f"batch_size={batch_size} is larger than the training split "
+    raise errors.ConfigError(f"batch_size={batch_size} is larger than the training split "
                      f"({num_examples} examples).")
   return num_examples // batch_size
 
@@ -207,12 +241,6 @@ def indices_in_order(order: jax.Array, step: jax.Array, batch_size: int) -> jax.
   """Step `step`'s examples: its slice of `order` = epoch_order(seed, step // steps_per_epoch)."""
   per_epoch = order.shape[0] // batch_size
   return jax.lax.dynamic_slice_in_dim(order, (step % per_epoch) * batch_size, batch_size)
-
-
-def batch_indices(seed: int, step: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
-  """Indices of training step `step`'s examples; jittable, a pure function of (seed, step)."""
-  epoch = step // steps_per_epoch(num_examples, batch_size)
-  return indices_in_order(epoch_order(seed, epoch, num_examples), step, batch_size)
 
 
 def pad_to_multiple(split: Split, multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from mixer import data, evaluator, metrics, models, parallel, plots, saved_runs
+from mixer import data, errors, evaluator, metrics, models, parallel, plots, saved_runs
+from mixer import workdir as layout
 
 ECE_BINS = 15
 GRID_IMAGES = 32
@@ -79,8 +80,8 @@ def _eval_batch_size(requested: int | None, default: int, num_examples: int,
   devices = mesh.devices.size
   if requested is not None:
     if requested < 1 or requested % devices:
-      raise ValueError(f"--batch_size={requested} must be a positive multiple of the number of "
-                       f"devices ({devices}).")
+      raise errors.ConfigError(f"--batch_size={requested} must be a positive multiple of the "
+                               f"number of devices ({devices}).")
     return requested
   # No bigger than the split needs, and divisible by the device count.
   size = min(default, num_examples)
@@ -101,8 +102,8 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
   eval_split = data.load_split(config.dataset, split, data_dir or config.data_dir)
   num_classes = saved_runs.num_classes_of(params)
   if eval_split.num_classes != num_classes:
-    raise ValueError(f"{config.dataset}:{split} has {eval_split.num_classes} classes but the "
-                     f"checkpoint's head has {num_classes} outputs.")
+    raise errors.DataError(f"{config.dataset}:{split} has {eval_split.num_classes} classes but "
+                           f"the checkpoint's head has {num_classes} outputs.")
   mesh = parallel.make_mesh()
   batch = _eval_batch_size(batch_size, config.eval_batch_size, len(eval_split), mesh)
   model = models.build_model(config, num_classes)
@@ -124,7 +125,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
       "per_class_top1": _by_name(eval_split.class_names,
                                  accuracy_by_group(eval_split.labels, correct, num_classes)),
   }
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = layout.path(workdir, layout.EVAL_DIR)
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', split)}_step{step}"
                       + ("_trained" if parameters == "trained" and config.ema_decay else "")
@@ -142,7 +143,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
     known = predicted_coarse >= 0
     files.append(plots.confusion_matrix(coarse[known], predicted_coarse[known], names,
                                         f"{stem}_superclass_confusion.png"))
-  files += _training_curves(os.path.join(workdir, "metrics.jsonl"), out_dir)
+  files += _training_curves(layout.path(workdir, layout.METRICS_FILE), out_dir)
   with open(f"{stem}.json", "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
   return dict(report, files=[f"{stem}.json"] + files)
@@ -169,11 +170,11 @@ class FilePrediction:
   error: str | None = None
 
 
-class ImageTooLarge(ValueError):
+class ImageTooLarge(errors.DataError):
   """More pixels than PIL's Image.MAX_IMAGE_PIXELS: possibly a decompression bomb."""
 
 
-class UnsupportedImageMode(ValueError):
+class UnsupportedImageMode(errors.DataError):
   """A PIL image mode with no defined mapping to 8-bit RGB (float 'F', 'LAB', ...)."""
 
 
@@ -233,7 +234,7 @@ def load_image(path: str, image_size: int) -> np.ndarray:
   Raises FileNotFoundError or IsADirectoryError for a bad path, ImageTooLarge for an image
   of more than Image.MAX_IMAGE_PIXELS pixels (PIL only warns below twice that; refused here
   before decoding anything), UnsupportedImageMode for a mode to_rgb refuses, else OSError
-  or ValueError for a file PIL cannot decode.
+  or DataError for a file PIL cannot decode.
   """
   try:
     with warnings.catch_warnings():
@@ -245,7 +246,7 @@ def load_image(path: str, image_size: int) -> np.ndarray:
     raise ImageTooLarge(f"too large to decode ({e})") from e
   # What PIL's decoders raise besides OSError for a corrupt file.
   except (SyntaxError, EOFError, IndexError, struct.error) as e:
-    raise ValueError(f"{type(e).__name__}: {e}") from e
+    raise errors.DataError(f"{type(e).__name__}: {e}") from e
   return np.asarray(rgb, np.uint8)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from mixer import errors
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -42,7 +42,7 @@ def truncate_jsonl(path: str, after_step: int) -> None:
 def read_jsonl(path: str) -> list[dict[str, float]]:
   """The rows of a metrics.jsonl. A last line that is not JSON is dropped with a warning:
   it is what a process killed while writing it leaves. A bad line before the last is
-  corruption: ValueError naming the file and the line."""
+  corruption: WorkdirError naming the file and the line."""
   with open(path, encoding="utf-8") as f:
     lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
   rows = []
@@ -51,9 +51,9 @@ def read_jsonl(path: str) -> list[dict[str, float]]:
       rows.append(json.loads(line))
     except json.JSONDecodeError as e:
       if i < len(lines) - 1:
-        raise ValueError(f"{path} line {number} is not JSON ({e.msg}, column {e.colno}) and "
-                         "is not the last line: the file is corrupt. Delete or repair that "
-                         "line.") from None
+        raise errors.WorkdirError(
+            f"{path} line {number} is not JSON ({e.msg}, column {e.colno}) and is not the last "
+            "line: the file is corrupt. Delete or repair that line.") from None
       logging.warning("Dropping the last line of %s (line %d): it is not JSON (%s), as a "
                       "process killed while writing it leaves it.", path, number, e.msg)
   return rows

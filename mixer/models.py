@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixer import rng_streams
+from mixer import errors, rng_streams
 
 # size -> (hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim)
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -137,11 +137,11 @@ class MlpMixer(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     if images.ndim != 4:
-      raise ValueError(f"MlpMixer expects NHWC images, got shape {images.shape}.")
+      raise errors.DataError(f"MlpMixer expects NHWC images, got shape {images.shape}.")
     _, height, width, _ = images.shape
     p = self.patch_size
     if height % p or width % p:
-      raise ValueError(
+      raise errors.DataError(
           f"Image size {height}x{width} is not divisible by the patch size {p}; "
           "resize the images (config.image_size) or pick another patch size.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -162,7 +162,7 @@ def parse_variant(variant: str) -> dict[str, int]:
   """'B/16' -> dict(patch_size=16, hidden_dim=768, num_blocks=12, ...)."""
   size, sep, patch = variant.partition("/")
   if not sep or size not in SIZES or not patch.isdigit() or int(patch) < 1:
-    raise ValueError(
+    raise errors.ConfigError(
         f"Unknown Mixer variant {variant!r}: expected SIZE/PATCH with SIZE one of "
         f"{', '.join(SIZES)} and PATCH a positive integer, e.g. 'S/16' or 'B/4'.")
   hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim = SIZES[size]
@@ -187,7 +187,8 @@ def resolve_token_mixing(name: str, platform: str) -> str:
   if name == "auto":
     return "batched" if platform == "cpu" else "transpose"
   if name not in TOKEN_MIXING:
-    raise ValueError(f"Unknown token_mixing {name!r}: expected 'auto' or one of {TOKEN_MIXING}.")
+    raise errors.ConfigError(
+        f"Unknown token_mixing {name!r}: expected 'auto' or one of {TOKEN_MIXING}.")
   return name
 
 

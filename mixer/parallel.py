@@ -5,6 +5,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mixer import errors
+
 DATA_AXIS = "data"
 
 
@@ -30,7 +32,7 @@ def batch_sharded(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
 def check_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
   devices = mesh.devices.size
   if batch_size % devices:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.{what}={batch_size} is not divisible by the number of devices ({devices}, "
         f"over {jax.process_count()} process(es)); pick a multiple of {devices}.")
 

@@ -44,6 +44,8 @@ import flax
 import jax
 import numpy as np
 
+from mixer import errors
+
 PathOrFlat = str | os.PathLike | Mapping[str, Any]
 
 HEAD_KEYS = ("head/kernel", "head/bias")
@@ -58,18 +60,21 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """The flat archive at `path`: '/'-joined parameter paths -> numpy arrays."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"No checkpoint file at {path!r}. {_DOWNLOAD_HINT}")
+    raise errors.MissingFileError(f"No checkpoint file at {path!r}. {_DOWNLOAD_HINT}")
   try:
     archive = np.load(path, allow_pickle=False)
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path!r} is not an .npz archive ({type(e).__name__}: {e}).") from e
+    raise errors.CheckpointError(
+        f"{path!r} is not an .npz archive ({type(e).__name__}: {e}).") from e
   if not isinstance(archive, np.lib.npyio.NpzFile):
-    raise ValueError(f"{path!r} holds a single .npy array, not an .npz archive of parameters.")
+    raise errors.CheckpointError(
+        f"{path!r} holds a single .npy array, not an .npz archive of parameters.")
   with archive:
     try:
       return {key: archive[key] for key in archive.files}
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-      raise ValueError(f"{path!r} is a corrupt .npz archive ({type(e).__name__}: {e}).") from e
+      raise errors.CheckpointError(
+          f"{path!r} is a corrupt .npz archive ({type(e).__name__}: {e}).") from e
 
 
 def flatten_params(params: Any) -> dict[str, Any]:
@@ -162,22 +167,24 @@ def adapted_overrides(flat_npz: PathOrFlat, image_size: int, patch_size: int) ->
 
   Returns hidden_dim, num_blocks, channels_mlp_dim as in the checkpoint and tokens_mlp_dim
   multiplied by K^2 when `image_size` is K times the pretraining resolution. Raises a
-  ValueError naming the supported resolutions when there is no such integer K.
+  CheckpointError naming the supported resolutions when there is no such integer K.
   """
   flat, name = _as_flat(flat_npz)
   needed = (FIRST_TOKEN_KERNEL, "stem/kernel", "MixerBlock_0/channel_mixing/Dense_0/kernel")
   absent = [k for k in needed if k not in flat]
   if absent:
-    raise ValueError(f"{name} is not a Mixer checkpoint: it has no {', '.join(absent)}.")
+    raise errors.CheckpointError(
+        f"{name} is not a Mixer checkpoint: it has no {', '.join(absent)}.")
   ckpt_patch = _checkpoint_patch(flat)
   if patch_size != ckpt_patch:
-    raise ValueError(f"{name} was trained with {ckpt_patch}px patches, not {patch_size}px: "
-                     f"use a /{ckpt_patch} variant.")
+    raise errors.CheckpointError(f"{name} was trained with {ckpt_patch}px patches, not "
+                                 f"{patch_size}px: use a /{ckpt_patch} variant.")
   if image_size % patch_size:
-    raise ValueError(f"image_size {image_size} is not divisible by the patch size {patch_size}.")
+    raise errors.ConfigError(
+        f"image_size {image_size} is not divisible by the patch size {patch_size}.")
   factor, why = _resolution_factor(flat, (image_size // patch_size) ** 2)
   if why:
-    raise ValueError(f"{name} cannot be fine-tuned at {image_size}px: {why}.")
+    raise errors.CheckpointError(f"{name} cannot be fine-tuned at {image_size}px: {why}.")
   blocks = {int(m.group(1)) for m in map(_BLOCK.match, flat) if m}
   return dict(hidden_dim=int(flat["stem/kernel"].shape[-1]), num_blocks=len(blocks),
               tokens_mlp_dim=factor * int(flat[FIRST_TOKEN_KERNEL].shape[1]),
@@ -226,8 +233,9 @@ def load_pretrained(path_or_flat: PathOrFlat, template_params: Any, *,
     when the model has K^2 times the checkpoint's tokens (see the module docstring).
 
   Raises:
-    ValueError: listing every key missing from or extra in the checkpoint, every mis-shaped
-      key, and an unsupported token count; nothing is returned partially.
+    errors.CheckpointError (a ValueError): listing every key missing from or extra in the
+      checkpoint, every mis-shaped key, and an unsupported token count; nothing is returned
+      partially.
   """
   flat, name = _as_flat(path_or_flat)
   template = flatten_params(template_params)
@@ -262,8 +270,8 @@ def load_pretrained(path_or_flat: PathOrFlat, template_params: Any, *,
       continue
     params[key] = np.asarray(value, spec.dtype)
   if problems:
-    raise ValueError(f"{name} does not fit the model ({len(problems)} problem(s)):\n  - "
-                     + "\n  - ".join(problems))
+    raise errors.CheckpointError(f"{name} does not fit the model ({len(problems)} problem(s)):"
+                                 "\n  - " + "\n  - ".join(problems))
   params.update(_head(flat, template))
   if factor and factor > 1:
     logging.info("Token-mixing MLPs made block-diagonal: %d copies each.", factor)

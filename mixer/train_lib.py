@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
@@ -25,14 +24,12 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mixer import (budget, checkpoints, config_guard, config_lib, data, metrics, models, optim,
-                   parallel, pretrained, workdir_lock, writers)
+from mixer import (budget, checkpoints, config_guard, config_lib, data, errors, metrics, models,
+                   optim, parallel, pretrained, workdir_lock, writers)
+from mixer import workdir as layout
 from mixer.evaluator import Evaluator, describe_views
 from mixer.progress import Progress, eval_line
 from mixer.train_step import make_train_step, new_state
-
-
-RUN_FILE = "run.json"  # the run's status for sweeps and scripts: see RunResult
 
 
 @dataclasses.dataclass
@@ -51,21 +48,25 @@ class RunResult:
   error: str | None = None
 
   def save(self, workdir: str) -> None:
-    if jax.process_index() != 0:
-      return
-    path = os.path.join(workdir, RUN_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(dataclasses.asdict(self), f, indent=1)
-    os.replace(path + ".tmp", path)
+    """WORKDIR/run.json (process 0)."""
+    if jax.process_index() == 0:
+      layout.write_run(workdir, dataclasses.asdict(self))
 
 
 def read_run(workdir: str) -> RunResult | None:
   """WORKDIR/run.json, or None for a run that never started training (or a workdir without it)."""
   try:
-    with open(os.path.join(workdir, RUN_FILE), encoding="utf-8") as f:
-      return RunResult(**json.load(f))
-  except (FileNotFoundError, json.JSONDecodeError, TypeError):
+    return RunResult(**layout.read_run(workdir))
+  except TypeError:  # {} (no run.json) or another layout
     return None
+
+
+def evaluated_params(config: ml_collections.ConfigDict, state: Any) -> Any:
+  """The parameters an evaluation scores: the EMA when the run keeps one, else the optimizer's
+  evaluation parameters (schedule_free_adamw's averaged sequence, the trained ones otherwise)."""
+  if config.ema_decay:
+    return state.ema_params
+  return optim.eval_params(config, state.opt_state, state.params)
 
 
 def _check_and_average(pending: list[jax.Array], first: int, step: int,
@@ -77,7 +78,7 @@ def _check_and_average(pending: list[jax.Array], first: int, step: int,
     last = ckpt.latest_step()
     kept = (f"the last good checkpoint (step {last}) is kept" if last is not None
             else "no checkpoint had been saved yet")
-    raise FloatingPointError(
+    raise errors.DivergedError(
         f"Training loss became non-finite between steps {first} and {step}; stopping: "
         f"{kept}. Try a lower learning_rate or grad_clip_norm.")
   return {"train/loss": float(loss), "train/top1": float(top1), "grad_norm": float(grad_norm)}
@@ -142,8 +143,9 @@ def load_initial_params(config: ml_collections.ConfigDict, model: models.MlpMixe
   try:
     params = pretrained.load_pretrained(config.init_from, template, num_tokens=num_tokens)
   except ValueError as e:
-    raise ValueError(f"config.init_from={config.init_from!r} does not fit config.model "
-                     f"({config.model.variant} at image_size {config.image_size}): {e}") from None
+    raise errors.ConfigError(
+        f"config.init_from={config.init_from!r} does not fit config.model "
+        f"({config.model.variant} at image_size {config.image_size}): {e}") from None
   logging.info("Initialised from %s.", config.init_from)
   return jax.tree.map(lambda x: parallel.put_replicated(np.asarray(x), mesh), params)
 
@@ -153,14 +155,13 @@ def _save_class_names(split: data.Split, workdir: str) -> None:
   names = {"label": split.class_names}
   if split.coarse_names:
     names["coarse_label"] = split.coarse_names
-  with open(os.path.join(workdir, "class_names.json"), "w", encoding="utf-8") as f:
-    json.dump(names, f, indent=1)
+  layout.write_json_atomically(layout.path(workdir, layout.CLASS_NAMES_FILE), names)
 
 
 def _check_workdir(workdir: str) -> None:
   """Fails fast on a workdir that cannot hold a run (before any data is read)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory.")
+    raise errors.WorkdirError(f"--workdir={workdir} is a file, not a directory.")
   if jax.process_index() != 0:  # process 0 holds the lock for all
     return
   holder = workdir_lock.read_lock(workdir) if os.path.isdir(workdir) else None
@@ -175,14 +176,14 @@ def _warn_on_device_change(workdir: str, step: int, devices: int) -> None:
   if before is not None:
     logging.warning("Resuming at step %d on %d device(s), the checkpoint was written on %d: "
                     "the resumed run will not be bit-exact with an uninterrupted one (recorded "
-                    "in %s).", step, devices, before, config_guard.HISTORY_FILE)
+                    "in %s).", step, devices, before, layout.HISTORY_FILE)
 
 
 def _initial_params(config: ml_collections.ConfigDict, workdir: str, num_classes: int,
                     mesh: jax.sharding.Mesh) -> Any:
   """config.init_from's parameters, loaded and checked before the workdir is created (a bad
   file creates nothing); None without init_from or when the run has checkpoints to resume."""
-  ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  ckpt_dir = layout.path(workdir, layout.CHECKPOINT_DIR)
   if not config.init_from or (os.path.isdir(ckpt_dir) and any(
       name.isdigit() for name in os.listdir(ckpt_dir))):
     return None
@@ -213,7 +214,7 @@ def _run_length(config: ml_collections.ConfigDict, workdir: str, num_classes: in
     steps = _from_process_zero(decided["total_steps"] if decided else 0)
     if steps:
       logging.info("budget_minutes: %d steps, decided when the run started (recorded in "
-                   "%s); not measured again.", steps, config_guard.CONFIG_FILE)
+                   "%s); not measured again.", steps, layout.CONFIG_FILE)
       return steps, False
     return max(config.total_steps, config.num_epochs * per_epoch, per_epoch), True
   return (config.total_steps if config.total_steps > 0 else config.num_epochs * per_epoch), False
@@ -262,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config_guard.record(config, workdir, run.start_step, changes)
       _warn_on_device_change(workdir, run.start_step, mesh.devices.size)
       _save_class_names(splits["train"], workdir)
-      metrics.truncate_jsonl(os.path.join(workdir, writers.METRICS_FILE), run.start_step)
+      metrics.truncate_jsonl(layout.path(workdir, layout.METRICS_FILE), run.start_step)
     if to_measure and not run.plan_during_warmup():
       run.measure_and_plan()
     try:
@@ -389,7 +390,7 @@ class _Run:
     create = lambda: state_from(models.init_params(self.model, config.image_size, config.seed))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             jax.eval_shape(create))
-    restored = self.ckpt.restore_latest_good(abstract)
+    restored = self.ckpt.restore_latest_good(abstract, model_params=abstract.params)
     if restored:
       logging.info("Resuming from the checkpoint at step %d.", restored[0])
       return restored
@@ -450,7 +451,7 @@ class _Run:
             budget.now() - timed_since >= budget.WINDOW_SECONDS or
             step + 2 * config.log_every_steps > optim.warmup_steps(config, self.per_epoch)):
           jax.block_until_ready(state)  # the old step function is freed below
-          params = state.ema_params if config.ema_decay else state.params
+          params = evaluated_params(config, state)
           self._adopt_plan((budget.now() - timed_since) / (step - timed_from), first_step_s,
                            step, params)
           step_fn = self._step_fn()  # with the schedule of the chosen length
@@ -459,7 +460,7 @@ class _Run:
           eval_due, save_due = eval_due or is_last, save_due or is_last
         step_eval = None
         if eval_due:
-          started, params = time.time(), state.ema_params if config.ema_decay else state.params
+          started, params = time.time(), evaluated_params(config, state)
           step_eval = {k: v for e in evaluators.values() for k, v in e(params).items()}
           logging.info(eval_line(step, step_eval, time.time() - started))
           writer.write_scalars(step, step_eval)

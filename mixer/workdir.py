@@ -6,10 +6,14 @@
     run.json               status for sweeps and scripts (train_lib.RunResult)
     metrics.jsonl          one JSON object per log/eval step (writers)
     class_names.json       label names, for predict.py and export.py
-    checkpoints/<step>/    Orbax TrainState + checksums (checkpoints)
-    .lock                  the live process that owns the workdir (workdir_lock)
+    lock.json              the live train.py that owns the workdir (workdir_lock)
+    checkpoints/<step>/    Orbax TrainState (checkpoints)
+    checkpoints_checksums/<step>.json   size and SHA-256 of each file of a step (checkpoints)
+    corrupt_checkpoints/   damaged steps, moved aside when resuming (checkpoints)
+    eval/                  evaluate.py's reports and pictures (evaluation)
 
-Every other module names these files through this module.
+Every other module names these files through this module. `load_config` is the one reader
+of a saved config: config.json over today's defaults.
 """
 from __future__ import annotations
 
@@ -17,12 +21,20 @@ import json
 import os
 from typing import Any
 
+import ml_collections
+
+from mixer import config_lib, errors
+
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 CLASS_NAMES_FILE = "class_names.json"
+LOCK_FILE = "lock.json"
 CHECKPOINT_DIR = "checkpoints"
+CHECKSUMS_DIR = "checkpoints_checksums"
+QUARANTINE_DIR = "corrupt_checkpoints"
+EVAL_DIR = "eval"
 
 
 def path(workdir: str, name: str) -> str:
@@ -30,12 +42,22 @@ def path(workdir: str, name: str) -> str:
   return os.path.join(workdir, name)
 
 
-def write_json_atomically(file: str, content: Any) -> None:
+def contents(directory: str) -> str:
+  """What `directory` holds, for error messages: '<dir> holds: a, b' (or is empty, or absent)."""
+  if not os.path.isdir(directory):
+    return f"{directory} does not exist"
+  names = sorted(os.listdir(directory))
+  return f"{directory} holds: {', '.join(names)}" if names else f"{directory} is empty"
+
+
+def write_json_atomically(file: str, content: Any, **dump_args: Any) -> None:
   """Writes `content` to file.tmp, then renames it: readers never see half a file."""
   with open(file + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(content, f, indent=1)
+    json.dump(content, f, **{"indent": 1, **dump_args})
   os.replace(file + ".tmp", file)
 
+
+# --- run.json
 
 def read_run(workdir: str) -> dict[str, Any]:
   """WORKDIR/run.json as written by train.py; {} before training started or when unreadable."""
@@ -50,3 +72,53 @@ def read_run(workdir: str) -> dict[str, Any]:
 def write_run(workdir: str, content: dict[str, Any]) -> None:
   """WORKDIR/run.json, atomically."""
   write_json_atomically(path(workdir, RUN_FILE), content)
+
+
+# --- config.json
+
+def read_config(workdir: str) -> dict[str, Any]:
+  """WORKDIR/config.json exactly as saved (a JSON object; with `budget` when recorded).
+
+  MissingFileError when there is none; WorkdirError naming the file (and where a copy is)
+  when it is not a JSON object.
+  """
+  file = path(workdir, CONFIG_FILE)
+  if not os.path.isfile(file):
+    raise errors.MissingFileError(f"No {CONFIG_FILE} in {workdir} ({contents(workdir)}); "
+                                  "--workdir must be a training run's directory.")
+  try:
+    with open(file, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    problem = f"is not valid JSON ({e})"
+  else:
+    if isinstance(saved, dict):
+      return saved
+    problem = f"holds a {type(saved).__name__}, not a JSON object"
+  history = path(workdir, HISTORY_FILE)
+  hint = (f" (the last entry of {history} with a \"config\" key holds it)"
+          if os.path.isfile(history) else "")
+  raise errors.WorkdirError(f"{file} {problem}: it records the config the run in {workdir} was "
+                            f"trained with. Restore it from a copy{hint}.")
+
+
+def write_config(workdir: str, content: dict[str, Any]) -> None:
+  """WORKDIR/config.json, atomically."""
+  write_json_atomically(path(workdir, CONFIG_FILE), content, indent=2, sort_keys=True)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's resolved config: WORKDIR/config.json over today's defaults.
+
+  The defaults fill keys that older runs did not save (added to the code since), so a
+  new key compares and runs at its default. Errors as `read_config`.
+  """
+  def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+      both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+      out[key] = merge(base[key], value) if both_dicts else value
+    return out
+
+  return ml_collections.ConfigDict(merge(config_lib.base_config().to_dict(),
+                                         read_config(workdir)))

@@ -19,24 +19,22 @@ import socket
 import time
 from typing import Any
 
-LOCK_FILE = "lock.json"
+from mixer import errors
+from mixer import workdir as layout
+
 # A holder on another host whose heartbeat is older than this is presumed dead. Log steps
 # refresh it, so keep log_every_steps well under this many seconds of training.
 STALE_AFTER_S = 15 * 60
 
 
-class WorkdirLocked(RuntimeError):
+class WorkdirLocked(errors.BusyError):
   """Another live process holds the workdir."""
 
 
-def _path(workdir: str, lock_file: str = LOCK_FILE) -> str:
-  return os.path.join(workdir, lock_file)
-
-
-def read_lock(workdir: str, lock_file: str = LOCK_FILE) -> dict[str, Any] | None:
+def read_lock(workdir: str, lock_file: str = layout.LOCK_FILE) -> dict[str, Any] | None:
   """The lock's content ({host, pid, start_time, heartbeat}), or None when unlocked/unreadable."""
   try:
-    with open(_path(workdir, lock_file), encoding="utf-8") as f:
+    with open(layout.path(workdir, lock_file), encoding="utf-8") as f:
       info = json.load(f)
   except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
     return None
@@ -73,9 +71,9 @@ class WorkdirLock:
 
   `lock_file` names another lock in the same directory (a sweep's claim on a trial)."""
 
-  def __init__(self, workdir: str, lock_file: str = LOCK_FILE):
+  def __init__(self, workdir: str, lock_file: str = layout.LOCK_FILE):
     self.workdir, self.lock_file = workdir, lock_file
-    self.path = _path(workdir, lock_file)
+    self.path = layout.path(workdir, lock_file)
     self.info = {"host": socket.gethostname(), "pid": os.getpid(),
                  "start_time": datetime.datetime.now().isoformat(sep=" ", timespec="seconds"),
                  "heartbeat": time.time()}

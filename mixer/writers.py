@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from clu import metric_writers
 
-
-METRICS_FILE = "metrics.jsonl"
+from mixer import workdir as layout
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -45,4 +43,4 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
   return metric_writers.MultiWriter([metric_writers.SummaryWriter(workdir),
-                                     JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+                                     JsonlWriter(layout.path(workdir, layout.METRICS_FILE))])

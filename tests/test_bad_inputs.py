@@ -2,15 +2,18 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
-from conftest import ROOT, tiny_config
-from mixer import cli_errors, data, evaluation, metrics, saved_runs, train_lib
+from conftest import METADATA_DIR, ROOT, tiny_config
+from mixer import cli_errors, data, errors, evaluation, metrics, train_lib
+from mixer import workdir as layout
 
 ENV = {k: v for k, v in os.environ.items() if k != cli_errors.DEBUG_ENV}
 
@@ -163,7 +166,7 @@ def test_cmyk_is_converted_and_float_is_refused_naming_the_mode(tmp_path):
   assert "image mode 'F'" in str(info.value) and "\n" not in str(info.value)
 
 
-# 3. A TFDS version directory without dataset_info.json.
+# 3. A TFDS version directory without dataset_info.json or without its label names.
 
 def test_tfds_directory_without_dataset_info_names_it(tmp_path):
   version_dir = tmp_path / "cifar100" / "3.0.2"
@@ -171,9 +174,55 @@ def test_tfds_directory_without_dataset_info_names_it(tmp_path):
   (version_dir / "cifar100-test.tfrecord-00000-of-00001").write_bytes(b"")
   with pytest.raises(data.DatasetNotFoundError) as info:
     data.load_split("cifar100", "test", str(tmp_path))
+  assert isinstance(info.value, errors.MissingFileError)  # a user error, one line in scripts
   message = cli_errors.message(info.value)
   assert f"{version_dir} has no dataset_info.json" in message and "\n" not in message
   assert "cifar100-test.tfrecord-00000-of-00001" in message
+
+
+def _metadata_copy(tmp_path, *leave_out):
+  """tmp_path/cifar100/3.0.2 holding the dataset's small metadata files but `leave_out`."""
+  source = os.path.join(METADATA_DIR, "cifar100", "3.0.2")
+  version_dir = tmp_path / "cifar100" / "3.0.2"
+  version_dir.mkdir(parents=True)
+  for name in os.listdir(source):
+    if name not in leave_out:
+      shutil.copy(os.path.join(source, name), version_dir)
+  return version_dir
+
+
+def test_tfds_directory_without_label_names_warns_in_one_line(tmp_path, caplog):
+  version_dir = _metadata_copy(tmp_path, "label.labels.txt", "features.json")
+  with tfds.testing.mock_data(num_examples=8, data_dir=str(tmp_path)), \
+       caplog.at_level(logging.WARNING):
+    split = data.load_split("cifar100", "test", str(tmp_path))
+  assert split.class_names[:3] == ["0", "1", "2"] and split.num_classes == 100
+  assert split.coarse_names[0] == "aquatic_mammals"  # its own names file is there
+  warnings = [r.getMessage() for r in caplog.records if "labels.txt" in r.getMessage()]
+  assert len(warnings) == 1 and "\n" not in warnings[0]
+  assert warnings[0].startswith(f"{version_dir} has no label.labels.txt: the 100 classes of "
+                                "'label' are named by their index ('0' to '99')")
+
+
+def test_complete_tfds_metadata_names_the_classes_without_warning(tmp_path, caplog):
+  _metadata_copy(tmp_path)
+  with tfds.testing.mock_data(num_examples=8, data_dir=str(tmp_path)), \
+       caplog.at_level(logging.WARNING):
+    split = data.load_split("cifar100", "test", str(tmp_path))
+  assert split.class_names[:2] == ["apple", "aquarium_fish"]
+  assert "labels.txt" not in caplog.text
+
+
+@pytest.mark.parametrize("split,expected", [
+    ("tset", "Unknown split 'tset'. Should be one of ['train', 'test']."),
+    ("test[:abc]", "Error parsing split 'test[:abc]'."),
+])
+def test_split_tfds_refuses_is_a_data_error_naming_it(mock_cifar, split, expected):
+  with pytest.raises(errors.DataError) as info:
+    data.load_split("cifar100", split, METADATA_DIR)
+  message = cli_errors.message(info.value)
+  assert message.startswith(f"Dataset 'cifar100' split {split!r} could not be read: {expected}")
+  assert "https://www.tensorflow.org/datasets/splits" in message and "\n" not in message
 
 
 # 4. A corrupt config.json in evaluate.py / predict.py / export.py.
@@ -184,10 +233,10 @@ def test_corrupt_config_json_is_one_error_line_naming_it(tmp_path):
   (workdir / "config.json").write_text('{"learning_rate": 0.002,\n "batch_size" 64}')
   with pytest.raises(ValueError, match=r"config\.json is not valid JSON \(Expecting ':' "
                                        r"delimiter: line 2.*Restore it"):
-    saved_runs.load_config(str(workdir))
+    layout.load_config(str(workdir))
   (workdir / "config.json").write_text("[1, 2]")
   with pytest.raises(ValueError, match="holds a list, not a JSON object"):
-    saved_runs.load_config(str(workdir))
+    layout.load_config(str(workdir))
   (workdir / "config.json").write_text('{"learning_rate": 0.0')
   line = one_error_line(run_script("evaluate.py", f"--workdir={workdir}"))
   assert line.startswith(f"error: {workdir / 'config.json'} is not valid JSON")

@@ -6,7 +6,7 @@ import flax
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_mock_train, tiny_config
+from conftest import run_mock_train, tiny_config
 from mixer import budget, config_lib, models, train_lib
 from mixer.checkpoints import Checkpoints
 

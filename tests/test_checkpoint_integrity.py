@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import conftest  # pylint: disable=unused-import  (sys.path and XLA flags, as for every test)
-from mixer import checkpoints, saved_runs
+from mixer import checkpoints, errors
+from mixer import workdir as layout
 
 
 def tree(value):
@@ -57,7 +58,7 @@ def flip_bytes(path):
 
 
 def manifest(workdir, step):
-  with open(os.path.join(str(workdir), checkpoints.CHECKSUMS_DIR, f"{step}.json"),
+  with open(os.path.join(str(workdir), layout.CHECKSUMS_DIR, f"{step}.json"),
             encoding="utf-8") as f:
     return json.load(f)
 
@@ -73,9 +74,9 @@ def test_manifest_lists_every_file_once_the_step_is_final(tmp_path):
   ckpt.save(2, tree(2))  # step 1 is final once this save starts: its manifest is written
   assert os.path.exists(ckpt.manifest_path(1))
   ckpt.close()  # and step 2's here
-  checksums = os.listdir(tmp_path / checkpoints.CHECKSUMS_DIR)
+  checksums = os.listdir(tmp_path / layout.CHECKSUMS_DIR)
   assert sorted(checksums) == ["1.json", "2.json"]
-  assert checkpoints.CHECKSUMS_DIR not in os.listdir(tmp_path / "checkpoints")  # not in Orbax's
+  assert layout.CHECKSUMS_DIR not in os.listdir(tmp_path / "checkpoints")  # not in Orbax's
   for step in (1, 2):
     listed = manifest(tmp_path, step)["files"]
     on_disk = {}
@@ -94,7 +95,7 @@ def test_manifest_lists_every_file_once_the_step_is_final(tmp_path):
 def test_manifests_of_garbage_collected_steps_are_dropped(tmp_path):
   save_steps(tmp_path, [1, 2, 3], keep=1)
   assert os.listdir(tmp_path / "checkpoints") == ["3"]
-  assert os.listdir(tmp_path / checkpoints.CHECKSUMS_DIR) == ["3.json"]
+  assert os.listdir(tmp_path / layout.CHECKSUMS_DIR) == ["3.json"]
 
 
 def test_a_step_saved_again_gets_a_new_manifest(tmp_path):
@@ -105,7 +106,7 @@ def test_a_step_saved_again_gets_a_new_manifest(tmp_path):
   ckpt.close()
   reader = checkpoints.Checkpoints(str(tmp_path), read_only=True)
   assert reader.verify(2) is True
-  assert_is_tree(reader.restore_verified(2, abstract()), 20)
+  assert_is_tree(reader.restore(2, abstract()), 20)
   reader.close()
 
 
@@ -122,7 +123,7 @@ def test_flipped_bytes_fall_back_to_the_previous_step_and_quarantine(tmp_path, c
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
   moved = sorted(os.listdir(tmp_path / "corrupt_checkpoints"))
   assert len(moved) == 2 and moved[0].startswith("2.") and moved[1].endswith(".checksums.json")
-  assert not os.path.exists(tmp_path / checkpoints.CHECKSUMS_DIR / "2.json")
+  assert not os.path.exists(tmp_path / layout.CHECKSUMS_DIR / "2.json")
   assert re.search(r"step 2 .*damaged.*checksum mismatch in default/", caplog.text)
   assert re.search(r"step 2 is damaged .*but step 1 loads.*resuming from step 1", caplog.text)
 
@@ -148,7 +149,7 @@ def test_changed_size_or_missing_file_is_damage_but_missing_metrics_are_not(tmp_
 
 def test_unverified_truncated_step_is_still_set_aside_when_an_older_one_loads(tmp_path):
   save_steps(tmp_path, [1, 2])
-  shutil.rmtree(tmp_path / checkpoints.CHECKSUMS_DIR)  # a run from before the checksums
+  shutil.rmtree(tmp_path / layout.CHECKSUMS_DIR)  # a run from before the checksums
   for root, _, names in os.walk(os.path.join(step_dir(tmp_path, 2), "default")):
     for name in names:
       with open(os.path.join(root, name), "wb") as f:
@@ -178,8 +179,8 @@ def test_an_error_of_the_machine_stops_and_moves_nothing(tmp_path, monkeypatch, 
     return restore(step, *args, **kwargs)
 
   monkeypatch.setattr(ckpt.manager, "restore", failing_restore)
-  with pytest.raises(RuntimeError, match=r"The checkpoint at step 2 in .*checkpoints could not be "
-                     r"read because of the machine.*left where it is") as info:
+  with pytest.raises(checkpoints.MachineError, match=r"The checkpoint at step 2 in .*checkpoints "
+                     r"could not be read because of the machine.*left where it is") as info:
     ckpt.restore_latest_good(abstract())
   assert type(error).__name__ in str(info.value)
   ckpt.close()
@@ -191,8 +192,8 @@ def test_the_only_step_damaged_is_moved_and_an_error(tmp_path):
   save_steps(tmp_path, [1])
   flip_bytes(largest_file(tmp_path, 1))
   ckpt = checkpoints.Checkpoints(str(tmp_path), keep=3)
-  with pytest.raises(RuntimeError, match=r"Every checkpoint .* was damaged \(step 1: .*checksum "
-                     r"mismatch.*start from step 0"):
+  with pytest.raises(errors.CheckpointError, match=r"Every checkpoint .* was damaged \(step 1: "
+                     r".*checksum mismatch.*start from step 0"):
     ckpt.restore_latest_good(abstract())
   ckpt.close()
   assert os.listdir(tmp_path / "checkpoints") == []
@@ -211,26 +212,29 @@ def test_environment_error_classification():
     assert checkpoints.environment_error(wrapped) is disk
 
 
-def test_evaluation_refuses_a_damaged_step_naming_the_good_ones(tmp_path, monkeypatch):
+def test_a_damaged_step_read_alone_is_refused_naming_the_good_ones(tmp_path, monkeypatch):
+  """As evaluate/predict/export read a chosen step: refused, nothing moved."""
   save_steps(tmp_path, [1, 2, 3])
   flip_bytes(largest_file(tmp_path, 3))
   ckpt = checkpoints.Checkpoints(str(tmp_path), read_only=True)
-  with pytest.raises(ValueError, match=r"The checkpoint at step 3 in .*checkpoints is damaged "
-                     r"\(checksum mismatch in default/.*\); good steps: \[1, 2\]"):
-    saved_runs.restore_checked(ckpt, 3)
-  assert_is_tree(saved_runs.restore_checked(ckpt, 2, lambda c, s: abstract()), 2)
+  with pytest.raises(checkpoints.CorruptCheckpointError, match=r"The checkpoint at step 3 in "
+                     r".*checkpoints is damaged \(checksum mismatch in default/.*\); good steps: "
+                     r"\[1, 2\]"):
+    ckpt.restore(3)
+  assert_is_tree(ckpt.restore(2, abstract()), 2)
+  assert_is_tree(ckpt.restore(2), 2)  # as saved, replicated on this process's devices
   monkeypatch.setattr(ckpt.manager, "restore",
                       lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
-  with pytest.raises(ValueError, match=r"The checkpoint at step 2 in .* could not be read "
-                     r"\(RuntimeError: boom\); other saved steps: \[1, 3\]"):
-    saved_runs.restore_checked(ckpt, 2)
+  with pytest.raises(errors.CheckpointError, match=r"The checkpoint at step 2 in .* could not be "
+                     r"read \(RuntimeError: boom\); other saved steps: \[1, 3\]"):
+    ckpt.restore(2)
   ckpt.close()
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2", "3"]  # evaluation moves nothing
 
 
 def test_an_unreadable_manifest_proves_nothing(tmp_path):
   save_steps(tmp_path, [1])
-  with open(tmp_path / checkpoints.CHECKSUMS_DIR / "1.json", "w", encoding="utf-8") as f:
+  with open(tmp_path / layout.CHECKSUMS_DIR / "1.json", "w", encoding="utf-8") as f:
     f.write('{"files": {"default/x": {"size": "?"}}}')
   ckpt = checkpoints.Checkpoints(str(tmp_path), keep=3)
   assert ckpt.verify(1) is False
@@ -238,3 +242,26 @@ def test_an_unreadable_manifest_proves_nothing(tmp_path):
   ckpt.close()
   assert step == 1
   assert_is_tree(state, 1)
+
+
+def test_parameters_of_another_shape_are_named_before_anything_is_read(tmp_path):
+  params = {"stem": {"kernel": jnp.ones((4, 8))}, "head": {"bias": jnp.arange(10.0)}}
+  ckpt = checkpoints.Checkpoints(str(tmp_path), keep=3)
+  ckpt.save(1, {"params": params, "step": jnp.int32(1)})
+  ckpt.close()
+  shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)
+  model = {"stem": {"kernel": shape(4, 16)}, "head": {"bias": shape(10)},
+           "norm": {"scale": shape(16)}}
+  reader = checkpoints.Checkpoints(str(tmp_path), read_only=True)
+  with pytest.raises(errors.CheckpointError, match=r"step 1 .*does not match the model.*Missing "
+                     r"from the checkpoint: norm \(1 array\).*Of another shape \(1\): "
+                     r"stem/kernel: checkpoint \(4, 8\) vs model \(4, 16\)"):
+    reader.restore(1, model_params=model)
+  # A function of the saved parameters' shapes: how evaluation sizes the model's head.
+  heads = []
+  state = reader.restore(1, model_params=lambda saved: heads.append(saved["head"]["bias"].shape)
+                         or jax.tree.map(lambda x: shape(*x.shape), params))
+  reader.close()
+  assert heads == [(10,)]
+  np.testing.assert_array_equal(state["params"]["head"]["bias"], np.arange(10.0))
+  assert int(state["step"]) == 1

@@ -289,7 +289,7 @@ def test_predict_script_exit_status_and_output(run, tmp_path):
 
 def test_unreadable_checkpoint_is_one_error_line_unless_debugging(run, tmp_path):
   workdir = copy_run(run, tmp_path)
-  item = os.path.join(workdir, "checkpoints", "6", saved_runs.CHECKPOINT_ITEM)
+  item = os.path.join(workdir, "checkpoints", "6", checkpoints.CHECKPOINT_ITEM)
   for name in os.listdir(item):  # the arrays are gone, the step directory is still there
     path = os.path.join(item, name)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -306,7 +306,8 @@ def test_unreadable_checkpoint_is_one_error_line_unless_debugging(run, tmp_path)
   proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
                         env=dict(env, JAX_PLATFORMS="cpu", MIXER_DEBUG="1"))
   assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
-  assert "ValueError: The checkpoint at step 6" in proc.stderr
+  # The step's manifest lists the files removed: proven damage.
+  assert "CorruptCheckpointError: The checkpoint at step 6" in proc.stderr
 
 
 def test_export_script_writes_the_published_layout(run, tmp_path):

@@ -17,6 +17,7 @@ from conftest import (MOCK_EXAMPLES, ROOT, metric_at, read_metrics, sliced_mock_
                       tiny_config)
 from mixer import (checkpoints, config_lib, data, evaluation, evaluator, models, optim, parallel,
                    rng_streams, saved_runs, sweep_summary, sweeps, train_lib, train_step)
+from mixer import workdir as layout
 
 RECIPE = {"randaugment_ops": 2, "randaugment_magnitude": 9, "random_erasing": 0.5,
           "ema_decay": 0.9, "eval_flip": True, "train_split": "train[:75%]",
@@ -242,7 +243,7 @@ def test_single_view_evaluation_drops_the_runs_test_time_views(recipe_run, mock_
   assert not report["eval_flip"] and report["eval_shift"] == 0
   assert report["files"][0].endswith("test_step12_single_view.json")
   split = data.load_split("cifar100", "test")
-  model = models.build_model(saved_runs.load_config(workdir), split.num_classes)
+  model = models.build_model(layout.load_config(workdir), split.num_classes)
   x = np.asarray(split.images, np.float32) / 127.5 - 1.0
   logits = np.asarray(model.apply({"params": state["ema_params"]}, x, train=False))
   np.testing.assert_allclose(report["top1"], np.mean(logits.argmax(-1) == split.labels),

@@ -7,13 +7,12 @@ import sys
 import time
 
 import flax
-import jax
 import numpy as np
 import pytest
 
 from conftest import (ROOT, METADATA_DIR, MOCK_EXAMPLES, metric_at, read_metrics, run_mock_train,
                       tiny_config, tiny_flags)
-from mixer import checkpoints, config_lib, data, models, train_lib
+from mixer import checkpoints, config_lib, data, errors, models, train_lib
 
 REQUIRED_TRAIN = ("train/loss", "train/top1", "lr", "grad_norm", "img_per_sec")
 REQUIRED_EVAL = ("eval/loss", "eval/top1", "eval/top5", "eval/num_examples")
@@ -165,7 +164,7 @@ def test_grad_accumulation_matches_full_batch(mock_cifar, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(mock_cifar, tmp_path):
   workdir = str(tmp_path / "nan")
   train_lib.train_and_evaluate(tiny_config(total_steps=6), workdir)
-  with pytest.raises(FloatingPointError, match=r"between steps 7 and 9.*\(step 6\) is kept"):
+  with pytest.raises(errors.DivergedError, match=r"between steps 7 and 9.*\(step 6\) is kept"):
     train_lib.train_and_evaluate(tiny_config(learning_rate=1e30), workdir,
                                  allow_config_change=("learning_rate", "total_steps"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
@@ -187,7 +186,9 @@ def test_bad_config_values_name_the_key(key, value, match):
 def test_checkpoint_of_another_config_is_an_error_and_kept(baseline, mock_cifar, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(baseline[0], workdir)
-  with pytest.raises(RuntimeError, match="No checkpoint .* could be restored.*new --workdir"):
+  with pytest.raises(errors.CheckpointError, match=r"No checkpoint .* could be restored .*step 12: "
+                     r"does not match the model.*stem/kernel: checkpoint \(8, 8, 3, 32\) vs "
+                     r"model \(8, 8, 3, 48\).*new --workdir"):
     train_lib.train_and_evaluate(tiny_config(**{"model.hidden_dim": 48}), workdir,
                                  allow_config_change=("model.hidden_dim",))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]

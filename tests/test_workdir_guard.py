@@ -10,13 +10,14 @@ import pytest
 
 from conftest import tiny_config
 from mixer import config_guard, train_lib, workdir_lock
+from mixer import workdir as layout
 
 
 def _write_lock(workdir, **info):
   os.makedirs(workdir, exist_ok=True)
   base = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": "then",
           "heartbeat": time.time()}
-  with open(os.path.join(workdir, workdir_lock.LOCK_FILE), "w", encoding="utf-8") as f:
+  with open(os.path.join(workdir, layout.LOCK_FILE), "w", encoding="utf-8") as f:
     json.dump({**base, **info}, f)
 
 
@@ -45,7 +46,7 @@ def test_lock_names_its_holder_and_is_released(tmp_path):
   lock.heartbeat()
   assert workdir_lock.read_lock(str(tmp_path))["heartbeat"] > before
   lock.release()
-  assert not os.path.exists(tmp_path / workdir_lock.LOCK_FILE)
+  assert not os.path.exists(tmp_path / layout.LOCK_FILE)
 
 
 def test_live_holder_refuses_a_second_writer(tmp_path, live_pid):
@@ -86,16 +87,26 @@ def test_train_refuses_a_locked_workdir_before_reading_data(tmp_path, live_pid):
   assert time.time() - start < 30
 
 
-def test_config_differences_compare_new_keys_at_their_defaults():
+def test_config_differences_compare_new_keys_at_their_defaults(tmp_path):
   current = config_guard.as_json(tiny_config())
   saved = json.loads(json.dumps(current))
   del saved["random_erasing"]  # a key added to the code after the run started
-  assert config_guard.differences(saved, current) == {}
+  del saved["model"]["token_mixing"]
+  layout.write_config(str(tmp_path), saved)
+
+  def differences():  # as config_guard.check reads the saved config
+    return config_guard.differences(config_guard.as_json(layout.load_config(str(tmp_path))),
+                                    current)
+
+  assert differences() == {}
   saved["learning_rate"] = current["learning_rate"] * 2
   saved["model"]["hidden_dim"] = 7
-  assert set(config_guard.differences(saved, current)) == {"learning_rate", "model.hidden_dim"}
+  layout.write_config(str(tmp_path), saved)
+  assert set(differences()) == {"learning_rate", "model.hidden_dim"}
   current["random_erasing"] = 0.5
-  assert "random_erasing" in config_guard.differences(saved, current)
+  current["model"]["token_mixing"] = "batched"
+  assert differences()["random_erasing"] == (0.0, 0.5)
+  assert differences()["model.token_mixing"] == ("auto", "batched")
 
 
 def test_resume_with_another_config_is_refused_naming_the_keys(mock_cifar, tmp_path):
@@ -116,11 +127,11 @@ def test_resume_with_another_config_is_refused_naming_the_keys(mock_cifar, tmp_p
   result = train_lib.train_and_evaluate(changed, workdir,
                                         allow_config_change=("learning_rate", "total_steps"))
   assert result.step == 6
-  with open(os.path.join(workdir, config_guard.HISTORY_FILE), encoding="utf-8") as f:
+  with open(os.path.join(workdir, layout.HISTORY_FILE), encoding="utf-8") as f:
     history = [json.loads(line) for line in f]
   history = [h for h in history if "config" in h]  # not the device count's entries
   assert [h["step"] for h in history] == [0, 3]
   assert history[0]["config"] == first
   assert set(history[1]["changes"]) == {"learning_rate", "total_steps", "log_every_steps"}
   assert history[1]["changes"]["total_steps"] == {"from": 3, "to": 6}
-  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # released
+  assert not os.path.exists(os.path.join(workdir, layout.LOCK_FILE))  # released
