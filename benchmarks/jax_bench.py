@@ -5,7 +5,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mixer import data, evaluator, models, optim, parallel, train_step
