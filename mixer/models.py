@@ -3,6 +3,10 @@
 The parameter tree matches the published Mixer `.npz` checkpoints exactly:
 `stem`, `MixerBlock_{i}/{LayerNorm_0, token_mixing/Dense_{0,1}, LayerNorm_1,
 channel_mixing/Dense_{0,1}}`, `pre_head_layer_norm`, `head`.
+
+What the model computes on the way (as big_vision's Mixer returns it beside the logits) is
+sown into the `intermediates` collection, which costs nothing unless asked for: `features`
+returns it, mean-pooled, with the logits, from the same parameters.
 """
 from __future__ import annotations
 
@@ -116,11 +120,22 @@ def drop_path_rates(stoch_depth: float, num_blocks: int) -> list[float]:
   return [stoch_depth * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
 
 
+FEATURES = "intermediates"  # the collection MlpMixer sows its representations into
+
+
+def feature_names(num_blocks: int) -> list[str]:
+  """The names `features` returns, in depth order: stem, block_0 .. block_{n-1}, pre_logits."""
+  return ["stem", *(f"block_{i}" for i in range(num_blocks)), "pre_logits"]
+
+
 class MlpMixer(nn.Module):
   """Patch stem, Mixer blocks, pre-head LayerNorm, mean pooling, zero-init head.
 
   Returns logits of shape (batch, num_classes), or the pooled features of shape
-  (batch, hidden_dim) when `num_classes == 0`.
+  (batch, hidden_dim) when `num_classes == 0`. When the `intermediates` collection is
+  mutable (see `features`) it also sows the stem's tokens ("stem_tokens", (batch, tokens,
+  hidden_dim)), each block's output ("block_{i}", same shape) and the pooled pre-logits
+  ("pre_logits", (batch, hidden_dim)); otherwise sowing does nothing.
   """
   num_classes: int
   patch_size: int
@@ -148,14 +163,36 @@ class MlpMixer(nn.Module):
     x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding="VALID", name="stem", **kw)(
         images.astype(self.dtype))
     x = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, channels)
+    self.sow(FEATURES, "stem_tokens", x)  # "stem" names the Conv
     for i, rate in enumerate(drop_path_rates(self.stoch_depth, self.num_blocks)):
       x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dropout,
                      self.token_mixing, name=f"MixerBlock_{i}", **kw)(x, train)
+      self.sow(FEATURES, f"block_{i}", x)
     x = nn.LayerNorm(epsilon=LN_EPSILON, name="pre_head_layer_norm", **kw)(x)
     x = jnp.mean(x, axis=1)
+    self.sow(FEATURES, "pre_logits", x)
     if self.num_classes == 0:
       return x
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head", **kw)(x)
+
+
+def features(model: MlpMixer, params: Any, images: jax.Array
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(logits, {name: (batch, hidden_dim) features}) of float images, in evaluation mode.
+
+  One application of `model` with `params` (the same parameters and the same logits as
+  `model.apply`); the names are `feature_names(model.num_blocks)` in that (depth) order: the
+  stem's and every block's output tokens mean-pooled over the tokens, and the pre-logits
+  (after the pre-head LayerNorm, pooled: what the head sees). Jittable (jax.jit hands dicts
+  back with sorted keys: iterate `feature_names` for depth order); a batch sharded over
+  devices gives features sharded the same way.
+  """
+  logits, state = model.apply({"params": params}, images, train=False, mutable=[FEATURES])
+  sown = {"stem" if name == "stem_tokens" else name: values[0]
+          for name, values in state[FEATURES].items()}
+  pooled = {name: value if value.ndim == 2 else jnp.mean(value, axis=1)
+            for name, value in sown.items()}
+  return logits, {name: pooled[name] for name in feature_names(model.num_blocks)}
 
 
 def parse_variant(variant: str) -> dict[str, int]:

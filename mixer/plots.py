@@ -1,4 +1,5 @@
-"""PNG figures for evaluation reports: example predictions, a confusion matrix, training curves.
+"""PNG figures for evaluation reports (example predictions, a confusion matrix, training
+curves) and for inspect_model.py (token-mixing units, linear probes by depth).
 
 Figures are built with `matplotlib.figure.Figure` and rendered by the Agg canvas, so no
 GUI backend or global pyplot state is involved (safe in scripts, tests and threads).
@@ -95,5 +96,100 @@ def training_curves(metrics_rows: Sequence[Mapping[str, float]], path: str) -> s
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend()
+  fig.savefig(path, dpi=100)
+  return path
+
+
+# token_mixing_units: one token is TOKEN_PIXELS // (grid side) pixels wide (at least 1), cells
+# are GAP pixels apart, the caption sits above the mosaic and a colour bar on its right.
+TOKEN_PIXELS = 48
+GAP = 2
+MARGIN = 10
+COLORBAR = 70
+MIN_WIDTH = 560
+CAPTION_LINE = 17
+GAP_COLOR = 0.8  # light grey between cells
+
+
+def mosaic_geometry(num_units: int, grid: tuple[int, int]) -> dict[str, int]:
+  """Pixel layout of token_mixing_units' PNG: `zoom` (pixels per token), `rows`, `cols`,
+  `cell` (pixels per unit, side), `mosaic_width`/`mosaic_height`, `left`/`top` (the mosaic's
+  corner in the PNG), `width` and `height` of the PNG, `caption_chars` (per caption line)."""
+  h, w = grid
+  zoom = max(1, TOKEN_PIXELS // max(h, w))
+  cols = math.ceil(math.sqrt(num_units))
+  rows = math.ceil(num_units / cols)
+  mosaic_width, mosaic_height = GAP + cols * (w * zoom + GAP), GAP + rows * (h * zoom + GAP)
+  width = max(MIN_WIDTH, mosaic_width + 2 * MARGIN + COLORBAR)
+  caption_chars = (width - 2 * MARGIN) // 7
+  return dict(zoom=zoom, rows=rows, cols=cols, cell_height=h * zoom, cell_width=w * zoom,
+              mosaic_width=mosaic_width, mosaic_height=mosaic_height, left=MARGIN,
+              width=width, caption_chars=caption_chars)
+
+
+def token_mixing_units(units: np.ndarray, caption: str, path: str) -> str:
+  """Every unit (units: (U, h, w) weights on the patch grid) as a small picture, row by row
+  in the given order, on a diverging map centred at zero (red > 0, blue < 0, white 0), each
+  scaled by its own largest |weight|; `caption` above. The PNG's size is exactly
+  mosaic_geometry's: each token a zoom x zoom square of one colour."""
+  import textwrap  # pylint: disable=g-import-not-at-top
+  from matplotlib import colormaps, colors  # pylint: disable=g-import-not-at-top
+  from matplotlib.cm import ScalarMappable  # pylint: disable=g-import-not-at-top
+  units = np.asarray(units, np.float64)
+  num, h, w = units.shape
+  g = mosaic_geometry(num, (h, w))
+  lines = textwrap.wrap(caption, g["caption_chars"])
+  top = MARGIN + CAPTION_LINE * len(lines) + 6
+  height = top + g["mosaic_height"] + MARGIN
+  scale = np.abs(units).reshape(num, -1).max(axis=1)
+  normed = units / np.where(scale > 0, scale, 1.0)[:, None, None]
+  cmap = colormaps["RdBu_r"]
+  mosaic = np.full((g["mosaic_height"], g["mosaic_width"], 3), GAP_COLOR)
+  for i, unit in enumerate(normed):
+    r, c = divmod(i, g["cols"])
+    y, x = GAP + r * (g["cell_height"] + GAP), GAP + c * (g["cell_width"] + GAP)
+    rgb = cmap((unit + 1.0) / 2.0)[..., :3]
+    mosaic[y:y + g["cell_height"], x:x + g["cell_width"]] = np.kron(
+        rgb, np.ones((g["zoom"], g["zoom"], 1)))
+  fig = Figure(figsize=(g["width"] / 100, height / 100), dpi=100)
+  fig.figimage(mosaic, xo=g["left"], yo=MARGIN, origin="upper")
+  fig.text(MARGIN / g["width"], 1 - MARGIN / height, "\n".join(lines), va="top", ha="left",
+           fontsize=9, linespacing=1.3)
+  bar_height = min(g["mosaic_height"], 240)
+  cax = fig.add_axes([(g["left"] + g["mosaic_width"] + 12) / g["width"],
+                      (MARGIN + g["mosaic_height"] - bar_height) / height,
+                      12 / g["width"], bar_height / height])
+  fig.colorbar(ScalarMappable(colors.Normalize(-1, 1), cmap), cax=cax, ticks=[-1, 0, 1])
+  cax.tick_params(labelsize=7)
+  cax.set_ylabel("weight / unit's max |weight|", fontsize=7)
+  fig.savefig(path, dpi=100)
+  return path
+
+
+def probe_by_depth(names: Sequence[str], test_top1: Sequence[float], path: str,
+                   caption: str, model_top1: float | None = None,
+                   chance: float | None = None) -> str:
+  """Linear-probe test top-1 against depth (one point per representation), with the model's
+  own top-1 and chance as horizontal lines when given."""
+  fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+  ax = fig.add_subplot()
+  x = np.arange(len(names))
+  ax.plot(x, 100 * np.asarray(test_top1), marker="o", color="tab:blue",
+          label="linear probe (test top-1)")
+  for i, value in enumerate(test_top1):
+    ax.annotate(f"{100 * value:.1f}", (i, 100 * value), textcoords="offset points",
+                xytext=(0, 6), ha="center", fontsize=7)
+  if model_top1 is not None:
+    ax.axhline(100 * model_top1, color="tab:orange", linestyle="--",
+               label=f"the model's own head, one view per image ({100 * model_top1:.1f})")
+  if chance is not None:
+    ax.axhline(100 * chance, color="grey", linestyle=":", label=f"chance ({100 * chance:.1f})")
+  ax.set_xticks(x, list(names), rotation=45 if len(names) > 10 else 0, fontsize=8)
+  ax.set_ylabel("test top-1 (%)")
+  ax.set_xlabel("representation (mean-pooled over tokens)")
+  ax.set_ylim(0, min(100.0, 100 * max([*test_top1, model_top1 or 0.0]) * 1.2 + 5))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="best")
+  fig.suptitle(caption, fontsize=9, wrap=True)
   fig.savefig(path, dpi=100)
   return path
