@@ -30,7 +30,7 @@ def main(argv):
     report = evaluation.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split,
                                             FLAGS.data_dir, FLAGS.batch_size, FLAGS.parameters,
                                             FLAGS.single_view)
-  how = "EMA parameters" if report["parameters"] == "ema" else "trained parameters"
+  how = report["parameters_described"]
   views = evaluator.describe_views(report["eval_flip"], report["eval_shift"])
   how += f", {views}" if views else ""
   how += ", one view per image" if FLAGS.single_view else ""

@@ -117,6 +117,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str | int = "latest", split: s
   report: dict[str, Any] = {
       "workdir": os.path.abspath(workdir), "dataset": config.dataset, "split": split,
       "step": step, "parameters": saved_runs.parameters_used(config, parameters),
+      "parameters_described": saved_runs.describe_parameters(config, parameters),
       "eval_flip": flip, "eval_shift": shift,
       "num_examples": result["eval/num_examples"],
       "top1": float(result["eval/top1"]), "top5": float(result["eval/top5"]),

@@ -18,8 +18,8 @@ from conftest import (METADATA_DIR, MOCK_EXAMPLES, ROOT, metric_at, read_metrics
                       sliced_mock_cifar, tiny_config)
 from mixer import checkpoints, data, evaluation, saved_runs, train_lib
 
-REPORT_KEYS = {"workdir", "dataset", "split", "step", "parameters", "eval_flip", "eval_shift",
-               "num_examples",
+REPORT_KEYS = {"workdir", "dataset", "split", "step", "parameters", "parameters_described",
+               "eval_flip", "eval_shift", "num_examples",
                "top1", "top5", "loss", "ece", "per_class_top1", "per_superclass_top1",
                "superclass_top1"}
 
