@@ -11,7 +11,7 @@ from mixer import cli_errors, runtime
 
 flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by val/top1) or a step number.")
-flags.DEFINE_string("npz", None, "A published-layout .npz to inspect instead of the run's "
+flags.DEFINE_string("npz", None, "A published-layout .npz (or timm .safetensors) to inspect instead of the run's "
                     "checkpoint; it must fit the model of the run's config.")
 flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/inspect).")
 flags.DEFINE_list("blocks", ["0", "1"], "Blocks whose token-mixing units are drawn.")

@@ -20,6 +20,7 @@ setup(
         "tensorboard>=2.21,<2.22",  # clu's metric writers import it.
         "importlib_resources",  # TFDS needs it to build datasets.
         "numpy",
+        "safetensors>=0.4",  # export.py --format=timm, init_from=*.safetensors (numpy API, no torch)
         "matplotlib",
         "pillow",
         "absl-py",

@@ -41,6 +41,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
          {"randaugment_ops": 2, "randaugment_magnitude": 9, "random_erasing": 0.25,
           "ema_decay": 0.999}, 128, 100,
          "Mixer-Ti/4 32x32 + RandAugment(2, 9), random erasing 0.25, EMA"),
+    Spec("ti4_hour", "configs/cifar100_cpu_hour.py", None, {}, 128, 100,
+         "Mixer-Ti/4, channel MLP 256, 32x32, configs/cifar100_cpu_hour.py (erasing 0.25)"),
     Spec("s4", "configs/cifar100_s.py", None, {}, 128, 100,
          "Mixer-S/4 32x32, configs/cifar100_s.py (mixup/cutmix, stoch. depth 0.1)"),
     Spec("small64", "configs/cifar100_ti.py", None,

@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   # training crops pad): 5 views, 10 with eval_flip. 0 disables.
   c.eval_shift = 0
 
-  c.init_from = config_dict.placeholder(str)  # a published-layout Mixer .npz to fine-tune.
+  c.init_from = config_dict.placeholder(str)  # a published-layout Mixer .npz or a timm .safetensors to fine-tune.
 
   c.seed = 0
   c.log_every_steps = 100

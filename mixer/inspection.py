@@ -42,7 +42,7 @@ def restore(workdir: str, checkpoint: str | int = "latest", npz: str | None = No
     return config, params, (f"{workdir}, step {step} "
                             f"({saved_runs.describe_parameters(config, parameters)})")
   config = layout.load_config(workdir)
-  flat = pretrained.load_npz(npz)
+  flat = pretrained.load_checkpoint(npz)
   num_classes = int(flat["head/bias"].shape[-1]) if "head/bias" in flat else 0
   model = models.build_model(config, num_classes)
   template = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))

@@ -1,5 +1,8 @@
 """Published MLP-Mixer `.npz` checkpoints: load, export, and fit them to a model to fine-tune.
 
+The same for timm's `MlpMixer` state dicts in `.safetensors` files (`export_timm`,
+`load_timm`; the name and layout mapping is `timm_format`'s): `load_checkpoint` reads either.
+
 The checkpoints released with google-research/vision_transformer (e.g.
 https://storage.googleapis.com/mixer_models/imagenet21k/Mixer-B_16.npz) are flat npz
 archives whose keys are the '/'-joined paths of the `models.MlpMixer` parameter tree:
@@ -30,6 +33,7 @@ permuted.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -44,7 +48,7 @@ import flax
 import jax
 import numpy as np
 
-from mixer import errors
+from mixer import errors, timm_format
 
 PathOrFlat = str | os.PathLike | Mapping[str, Any]
 
@@ -84,31 +88,68 @@ def flatten_params(params: Any) -> dict[str, Any]:
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
 
 
-def export_npz(params: Any, path: str | os.PathLike) -> None:
-  """Writes nested params as a published-layout npz (float32), atomically."""
-  flat = flatten_params(params)
-  arrays = {k: np.asarray(jax.device_get(v)).astype(np.float32) for k, v in flat.items()}
+def _write_atomically(path: str | os.PathLike, write: Any) -> str:
+  """Calls write(file object) on a temporary file beside `path`, then renames it to `path`
+  (readable by all: a checkpoint is meant to be shared). Returns the absolute path."""
   path = os.path.abspath(os.fspath(path))
   directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
   try:
     with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
+      write(f)
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared.
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600.
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+  return path
+
+
+def _float32_arrays(params: Any) -> dict[str, np.ndarray]:
+  return {k: np.asarray(jax.device_get(v)).astype(np.float32)
+          for k, v in flatten_params(params).items()}
+
+
+def export_npz(params: Any, path: str | os.PathLike) -> None:
+  """Writes nested params as a published-layout npz (float32), atomically."""
+  arrays = _float32_arrays(params)
+  _write_atomically(path, lambda f: np.savez(f, **arrays))
+
+
+def export_timm(params: Any, path: str | os.PathLike, **extra_metadata: Any) -> str:
+  """Writes nested params as timm's MlpMixer state dict (safetensors, float32) and, beside it,
+  the JSON that rebuilds the model (`timm_format.metadata` plus `extra_metadata`); both
+  atomically. Returns the JSON's path."""
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  flat = _float32_arrays(params)
+  meta = timm_format.metadata(flat, **extra_metadata)
+  state = timm_format.to_timm(flat)
+  _write_atomically(path, lambda f: f.write(save(state, metadata={"format": "pt"})))
+  text = json.dumps(meta, indent=2) + "\n"
+  return _write_atomically(timm_format.metadata_path(path), lambda f: f.write(text.encode()))
+
+
+def load_timm(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """A timm MlpMixer safetensors file as our flat ('/'-joined, published-layout) arrays."""
+  path = os.fspath(path)
+  return timm_format.from_timm(timm_format.read_state(path), repr(path))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Flat published-layout arrays from an .npz, or from timm's .safetensors (`load_timm`)."""
+  if os.fspath(path).endswith(".safetensors"):
+    return load_timm(path)
+  return load_npz(path)
 
 
 def _as_flat(path_or_flat: PathOrFlat) -> tuple[dict[str, np.ndarray], str]:
   """(flat arrays, a name for messages)."""
   if isinstance(path_or_flat, (str, os.PathLike)):
-    return load_npz(path_or_flat), repr(os.fspath(path_or_flat))
+    return load_checkpoint(path_or_flat), repr(os.fspath(path_or_flat))
   return {k: np.asarray(v) for k, v in path_or_flat.items()}, "the checkpoint"
 
 

@@ -137,7 +137,7 @@ class _StopSignal:
 
 def load_initial_params(config: ml_collections.ConfigDict, model: models.MlpMixer,
                         mesh: jax.sharding.Mesh) -> Any:
-  """Parameters from `config.init_from` (a published-layout .npz), checked and adapted."""
+  """Parameters from `config.init_from` (.npz or timm .safetensors), checked and adapted."""
   template = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
   num_tokens = (config.image_size // model.patch_size) ** 2
   try:
