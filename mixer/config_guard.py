@@ -28,7 +28,8 @@ from mixer import workdir as layout
 # config.json's entry for a budget_minutes decision (not a config key: it is measured).
 BUDGET_KEY = "budget"
 OPERATIONAL_KEYS = frozenset({"data_dir", "log_every_steps", "eval_every_steps",
-                              "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size"})
+                              "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
+                              "fewshot_shots", "fewshot_split"})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -76,6 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
   # training crops pad): 5 views, 10 with eval_flip. 0 disables.
   c.eval_shift = 0
 
+  # k-shot linear probes on the pre-logits at every evaluation, logged as fewshot/<k>shot, e.g.
+  # (5, 10): k training images per class, scored on fewshot_split (None: val_split, else
+  # eval_split). Empty: off.
+  c.fewshot_shots = ()
+  c.fewshot_split = config_dict.placeholder(str)
+
   c.init_from = config_dict.placeholder(str)  # a published-layout Mixer .npz or a timm .safetensors to fine-tune.
 
   c.seed = 0
@@ -187,5 +193,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(isinstance(c.eval_shift, int) and 0 <= c.eval_shift < c.image_size, "eval_shift",
          c.eval_shift, f"need a whole number of pixels, 0 <= shift < image_size={c.image_size}")
   _check(0.0 <= c.ema_decay < 1.0, "ema_decay", c.ema_decay, "need 0 <= decay < 1")
+  _check(isinstance(c.fewshot_shots, (tuple, list)) and all(
+      isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in c.fewshot_shots),
+         "fewshot_shots", c.fewshot_shots, "need whole numbers >= 1, e.g. (5, 10), or ()")
   _check(c.val_split is None or c.val_split.strip() != "", "val_split", c.val_split,
          "must be a TFDS split such as 'train[98%:]', or None")

@@ -9,7 +9,7 @@ to the run's model by `pretrained.load_pretrained`) and writes to its output dir
   (`probe.fit_probe`) fitted on a random subset of the run's training split, its penalty
   chosen on the run's validation split (or, for a run without one, on other training
   examples, which the report says).
-All features come from one jitted pass over each split (`feature_pass`).
+All features come from one jitted pass over each split (`probe.FeaturePass`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mixer import data, errors, models, parallel, plots, pretrained, probe, saved_runs
+from mixer import data, errors, models, plots, pretrained, probe, saved_runs
 from mixer import workdir as layout
 
 OUT_DIR = "inspect"  # under the workdir
@@ -81,34 +81,6 @@ def spatial_frequency(units: np.ndarray) -> np.ndarray:
 def by_frequency(units: np.ndarray) -> np.ndarray:
   """Unit indices ordered by spatial_frequency, lowest first (stable)."""
   return np.argsort(spatial_frequency(units), kind="stable")
-
-
-def feature_pass(model: models.MlpMixer, params: Any, images: np.ndarray, image_size: int,
-                 batch_size: int, progress: Callable[[int, int], None] | None = None
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """(logits (N, C), {name: (N, hidden) float32}) of uint8 images, every representation of
-  `models.features` from one jitted application per batch, split over this process's
-  devices; `progress(done, total)` after each batch."""
-  mesh = parallel.make_mesh()
-  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-  params = jax.device_put(params, parallel.replicated(mesh))
-  step = jax.jit(lambda p, x: models.features(model, p, data.to_float(x, image_size)),
-                 out_shardings=parallel.replicated(mesh))
-  n = len(images)
-  logits, feats = [], {name: [] for name in models.feature_names(model.num_blocks)}
-  for start in range(0, n, batch_size):
-    batch = images[start:start + batch_size]
-    pad = batch_size - len(batch)
-    if pad:
-      batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-    out_logits, out = jax.device_get(step(params, jax.device_put(
-        batch, parallel.batch_sharded(mesh))))
-    logits.append(np.asarray(out_logits[:len(batch) - pad], np.float32))
-    for name in feats:
-      feats[name].append(np.asarray(out[name][:len(batch) - pad], np.float32))
-    if progress is not None:
-      progress(min(start + batch_size, n), n)
-  return (np.concatenate(logits), {name: np.concatenate(parts) for name, parts in feats.items()})
 
 
 def probe_splits(config: ml_collections.ConfigDict, examples: int, data_dir: str | None
@@ -200,6 +172,7 @@ def linear_probes(config: ml_collections.ConfigDict, params: Any, probe_examples
   head = saved_runs.num_classes_of(params)
   model = models.build_model(config, head)
   feats, logits = {}, {}
+  feature_pass = probe.FeaturePass(model, config.image_size, batch_size or config.eval_batch_size)
   for name, split in splits.items():
     clock = {"start": time.monotonic(), "told": time.monotonic()}
 
@@ -209,8 +182,7 @@ def linear_probes(config: ml_collections.ConfigDict, params: Any, probe_examples
         clock["told"] = now
         progress(f"features of {name} ({what[name]}): {done}/{total} examples, "
                  f"{now - clock['start']:.0f} s")
-    logits[name], feats[name] = feature_pass(model, params, split.images, config.image_size,
-                                             batch_size or config.eval_batch_size, tell)
+    logits[name], feats[name] = feature_pass(params, split.images, tell)
   test_labels = splits["test"].labels
   layers = []
   for name in models.feature_names(model.num_blocks):

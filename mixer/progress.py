@@ -75,5 +75,10 @@ def eval_line(step: int, results: Mapping[str, Any], seconds: float) -> str:
         f"{p} top1 {100 * results[f'{p}/top1']:.2f}%",
         f"top5 {100 * top5:.2f}%" if top5 is not None else "",
         f"loss {results[f'{p}/loss']:.3f}"])))
+  shots = sorted((k for k in results if k.startswith("fewshot/")),
+                 key=lambda k: int(k.split("/")[1].rstrip("shot")))
+  if shots:
+    parts.append("fewshot " + " ".join(
+        f"{k.split('/')[1]} {100 * results[k]:.2f}%" for k in shots))
   parts.append(format_duration(seconds))
   return " | ".join(parts)

@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mixer import (budget, checkpoints, config_guard, config_lib, data, errors, metrics, models,
-                   optim, parallel, pretrained, workdir_lock, writers)
+                   optim, parallel, pretrained, probe, workdir_lock, writers)
 from mixer import workdir as layout
 from mixer.evaluator import Evaluator, describe_views
 from mixer.progress import Progress, eval_line
@@ -88,6 +88,7 @@ def _check_and_average(pending: list[jax.Array], first: int, step: int,
 # together: one process stopping alone would leave the others waiting forever at the next
 # collective. SLURM's grace period after SIGTERM (KillWait) is 30 s by default.
 STOP_SYNC_STEPS = 10
+FEWSHOT = probe.FEWSHOT_PREFIX  # the splits' key of the split the few-shot probes score
 
 
 class _StopSignal:
@@ -197,6 +198,18 @@ def _from_process_zero(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+def _fewshot_split(config: ml_collections.ConfigDict, splits: dict[str, data.Split]
+                   ) -> data.Split:
+  """The split the few-shot probes are scored on (loaded unless it is val's or eval's)."""
+  name = config.fewshot_split or config.val_split or config.eval_split
+  for key, loaded in (("val", config.val_split), ("eval", config.eval_split)):
+    if name == loaded:
+      return splits[key]
+  split = data.load_split(config.dataset, name, config.data_dir)
+  data.check_disjoint(splits["train"], split, config.train_split, name)
+  return split
+
+
 def _run_length(config: ml_collections.ConfigDict, workdir: str, num_classes: int,
                 per_epoch: int) -> tuple[int, bool]:
   """(total_steps, whether budget_minutes still has to measure them: then a provisional
@@ -243,6 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     splits["val"] = data.load_split(config.dataset, config.val_split, config.data_dir)
     data.check_disjoint(splits["train"], splits["val"], config.train_split, config.val_split)
   splits["eval"] = data.load_split(config.dataset, config.eval_split, config.data_dir)
+  if config.fewshot_shots:
+    splits[FEWSHOT] = _fewshot_split(config, splits)
   per_epoch = data.steps_per_epoch(len(splits["train"]), config.batch_size)
   total_steps, to_measure = _run_length(config, workdir, splits["train"].num_classes, per_epoch)
   if not to_measure:
@@ -308,12 +323,18 @@ class _Run:
                                             parallel.replicated(mesh))
 
   @functools.cached_property
-  def evaluators(self) -> dict[str, Evaluator]:
+  def evaluators(self) -> dict[str, Any]:
+    """Callables params -> {metric: value}: one Evaluator per split, the few-shot probes."""
     config = self.config
-    return {name: Evaluator(self.model, split, config.image_size, config.eval_batch_size,
-                            self.mesh, flip=config.eval_flip, shift=config.eval_shift,
-                            prefix=name)
-            for name, split in self.splits.items() if name != "train"}
+    evals: dict[str, Any] = {
+        name: Evaluator(self.model, split, config.image_size, config.eval_batch_size,
+                        self.mesh, flip=config.eval_flip, shift=config.eval_shift, prefix=name)
+        for name, split in self.splits.items() if name not in ("train", FEWSHOT)}
+    if config.fewshot_shots:
+      evals[FEWSHOT] = probe.FewShotEvaluator(
+          self.model, self.splits["train"], self.splits[FEWSHOT], config.fewshot_shots,
+          config.image_size, config.eval_batch_size, config.seed)
+    return evals
 
   def _step_fn(self):
     return jax.jit(make_train_step(self.model, self.tx, self.config,
