@@ -6,19 +6,16 @@ the step against its checksums and its parameters' shapes against the model's, a
 failure is an `errors.UserError` naming the step (see "Restoring a step" below).
 
 Integrity. Once a step saved by this process is final (Orbax renames its temporary
-directory when the async save finishes; `wait_until_finished` returns after that), the size
-and SHA-256 of every file under `checkpoints/<step>/` go into a manifest,
-`WORKDIR/checkpoints_checksums/<step>.json` (outside Orbax's directory, written atomically,
-by process 0 only). Manifests are written at the start of the next `save` (Orbax waits for
-the previous save there anyway) and in `wait`/`close`; manifests of steps Orbax has since
-garbage-collected are dropped then too. Only steps this process wrote get one: a manifest
+directory when the async save finishes; `wait_until_finished` returns after that), its
+`checkpoint_manifest` goes to `WORKDIR/checkpoints_checksums/<step>.json` (outside Orbax's
+directory, by process 0 only). Manifests are written at the start of the next `save` (Orbax
+waits for the previous save there anyway) and in `wait`/`close`; manifests of steps Orbax
+has since garbage-collected are dropped then too. Only steps this process wrote get one: a manifest
 vouches for bytes known to be as saved, so steps of older runs, or a step whose process
 died before its manifest, stay "unverified" and are restored as before.
 
-A step whose files differ from its manifest (other bytes, another size, a missing file) is
-*proven* damaged: `verify` raises `CorruptCheckpointError`. Files the manifest does not
-list are ignored, and so is a missing `metrics` item (Orbax's per-step metrics, which
-only rank steps for "best": without them the step is still restorable).
+A step whose files differ from its manifest (`checkpoint_manifest.problems`) is *proven*
+damaged: `verify` raises `CorruptCheckpointError`.
 
 A save that fails (a full disk: Orbax's writer thread reports ENOSPC as RESOURCE_EXHAUSTED
 text, raised at the next save or at close) leaves no partial `<step>.orbax-checkpoint-tmp`
@@ -48,9 +45,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -64,27 +58,13 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from mixer import errors, parallel, pretrained
+from mixer import checkpoint_manifest, errors, parallel, pretrained
 from mixer import workdir as layout
 
 BEST_METRIC = "val/top1"  # only runs with a validation split have a "best" step
 # CheckpointManager stores its single item under this name inside each step's directory.
 CHECKPOINT_ITEM = "default"
-HASH = "sha256"
-# Orbax's per-step metrics item (CheckpointManager's METRIC_ITEM_NAME): may be missing.
-OPTIONAL_ITEMS = ("metrics",)
-_CHUNK = 1 << 20
 TMP_MARKER = ".orbax-checkpoint-tmp"  # in the name of a step directory Orbax still writes
-
-# A missing file is damage to the step; other OS errors, and these texts, blame the machine.
-_MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
-_ENVIRONMENT_TEXT = ("resource_exhausted", "permission_denied", "unavailable:",
-                     "deadline_exceeded", "out of memory", "cannot allocate memory",
-                     "no space left", "disk quota exceeded", "input/output error",
-                     "permission denied", "read-only file system", "too many open files",
-                     "stale file handle")
-
-
 
 class CorruptCheckpointError(errors.CheckpointError):
   """A step's files differ from the checksums written when it was saved."""
@@ -96,52 +76,6 @@ class CorruptCheckpointError(errors.CheckpointError):
                                        if len(problems) > 3 else "")
     good = f"; good steps: {good_steps}" if good_steps is not None else ""
     super().__init__(f"The checkpoint at step {step} in {directory} is damaged ({shown}){good}")
-
-
-class MachineError(errors.UserError, RuntimeError):
-  """Reading or writing a checkpoint failed because of the machine (memory, disk, I/O,
-  permissions), not because of the checkpoint: the same step works once that is fixed."""
-
-
-def environment_error(error: BaseException) -> BaseException | None:
-  """The error (or one it was raised from) that blames the machine, not the files; or None.
-
-  MemoryError, an OSError other than a missing file/directory, or an error whose text says
-  out of memory/disk, I/O error or permission denied (TensorStore reports OS errors as
-  ValueError with such text).
-  """
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, MemoryError):
-      return error
-    missing = isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError))
-    if isinstance(error, OSError) and not missing and error.errno not in _MISSING_ERRNOS:
-      return error
-    text = str(error).lower()
-    if any(marker in text for marker in _ENVIRONMENT_TEXT):
-      return error
-    error = error.__cause__ or error.__context__
-  return None
-
-
-def _file_digest(path: str, algorithm: str = HASH) -> str:
-  digest = hashlib.new(algorithm)
-  with open(path, "rb") as f:
-    while chunk := f.read(_CHUNK):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def _files_under(directory: str) -> list[str]:
-  """Relative paths (with '/') of the regular files under `directory`, sorted."""
-  found = []
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      if os.path.isfile(path) and not os.path.islink(path):
-        found.append(os.path.relpath(path, directory).replace(os.sep, "/"))
-  return sorted(found)
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
@@ -264,9 +198,9 @@ class Checkpoints:
   def _raise_unreadable(self, step: int, error: Exception) -> None:
     """MachineError when the machine is to blame (see environment_error), else
     CheckpointError; both name the step."""
-    cause = environment_error(error)
+    cause = errors.environment_error(error)
     if cause is not None:
-      raise MachineError(
+      raise errors.MachineError(
           f"The checkpoint at step {step} in {self.directory} could not be read because of "
           f"the machine, not the checkpoint ({type(cause).__name__}: {str(cause)[:500]}); it "
           "is left where it is. Free memory or disk space, or fix the permissions, and run "
@@ -285,24 +219,7 @@ class Checkpoints:
     return os.path.join(self.directory, str(step))
 
   def _write_manifest(self, step: int) -> None:
-    step_dir = self._step_dir(step)
-    files = {}
-    for rel in _files_under(step_dir):
-      path = os.path.join(step_dir, rel)
-      files[rel] = {"size": os.path.getsize(path), HASH: _file_digest(path)}
-    os.makedirs(self.checksums_dir, exist_ok=True)
-    target = self.manifest_path(step)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    try:
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"step": step, "algorithm": HASH, "files": files}, f, indent=1,
-                  sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, target)
-    finally:
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
+    checkpoint_manifest.write(step, self._step_dir(step), self.manifest_path(step))
 
   def _finish_saved_steps(self) -> None:
     """Waits for async saves; writes manifests of finished steps, drops those of gone steps."""
@@ -337,7 +254,7 @@ class Checkpoints:
     Complete steps are untouched (Orbax renames a step into place once fully written)."""
     removed = self._remove_partial_saves()
     self._unmanifested.discard(self._saving)
-    if environment_error(error) is None:
+    if errors.environment_error(error) is None:
       raise error
     complete = sorted(int(n) for n in os.listdir(self.directory)
                       if n.isdigit() and os.path.isdir(os.path.join(self.directory, n))
@@ -348,8 +265,8 @@ class Checkpoints:
     # A full disk is named by cli_errors with the file; other causes are told here.
     why = ("" if "no space left" in str(error).lower()
            else f" ({type(error).__name__}: {str(error)[:300]})")
-    raise MachineError(f"Saving the checkpoint of step {self._saving} in {self.directory} "
-                       f"failed; {cleaned}{kept}{why}.") from error
+    raise errors.MachineError(f"Saving the checkpoint of step {self._saving} in "
+                              f"{self.directory} failed; {cleaned}{kept}{why}.") from error
 
   def _remove_partial_saves(self) -> list[str]:
     """Deletes Orbax's temporary step directories (process 0); returns their names."""
@@ -366,36 +283,11 @@ class Checkpoints:
     Raises CorruptCheckpointError naming the files that are missing, of another size or of
     other bytes. A manifest that cannot be parsed proves nothing: the step is unverified.
     """
-    path = self.manifest_path(step)
-    try:
-      with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-      expected = manifest["files"]
-      algorithm = manifest.get("algorithm", HASH)
-      if algorithm not in hashlib.algorithms_available or not all(
-          isinstance(want, dict) and isinstance(want.get("size"), int)
-          and isinstance(want.get(algorithm), str) for want in expected.values()):
-        raise ValueError("unexpected contents")
-    except FileNotFoundError:
-      logging.info("Checkpoint step %d has no checksum manifest (%s): restoring it unverified.",
-                   step, path)
+    found = checkpoint_manifest.read(self.manifest_path(step), step)
+    if found is None:
       return False
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-      logging.warning("The checksum manifest %s is unreadable (%s); checkpoint step %d is "
-                      "restored unverified.", path, e, step)
-      return False
-    step_dir = self._step_dir(step)
-    problems = []
-    for rel, want in sorted(expected.items()):
-      file = os.path.join(step_dir, *rel.split("/"))
-      if not os.path.isfile(file):
-        if rel.split("/")[0] in OPTIONAL_ITEMS:
-          continue
-        problems.append(f"{rel} is missing")
-      elif (size := os.path.getsize(file)) != want["size"]:
-        problems.append(f"{rel} has {size} bytes, {want['size']} when saved")
-      elif _file_digest(file, algorithm) != want[algorithm]:
-        problems.append(f"checksum mismatch in {rel}")
+    expected, algorithm = found
+    problems = checkpoint_manifest.problems(self._step_dir(step), expected, algorithm)
     if problems:
       raise CorruptCheckpointError(step, self.directory, problems)
     logging.info("Checkpoint step %d matches its checksums (%d files).", step, len(expected))
@@ -432,7 +324,7 @@ class Checkpoints:
         logging.warning("%s.", e)
         failures.append((step, e, True))
         continue
-      except MachineError:
+      except errors.MachineError:
         raise
       except errors.CheckpointError as e:
         logging.warning("%s", e)

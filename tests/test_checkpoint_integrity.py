@@ -179,7 +179,7 @@ def test_an_error_of_the_machine_stops_and_moves_nothing(tmp_path, monkeypatch, 
     return restore(step, *args, **kwargs)
 
   monkeypatch.setattr(ckpt.manager, "restore", failing_restore)
-  with pytest.raises(checkpoints.MachineError, match=r"The checkpoint at step 2 in .*checkpoints "
+  with pytest.raises(errors.MachineError, match=r"The checkpoint at step 2 in .*checkpoints "
                      r"could not be read because of the machine.*left where it is") as info:
     ckpt.restore_latest_good(abstract())
   assert type(error).__name__ in str(info.value)
@@ -200,8 +200,8 @@ def test_the_only_step_damaged_is_moved_and_an_error(tmp_path):
 
 
 def test_environment_error_classification():
-  assert checkpoints.environment_error(FileNotFoundError(errno.ENOENT, "gone")) is None
-  assert checkpoints.environment_error(ValueError("DATA_LOSS: truncated chunk")) is None
+  assert errors.environment_error(FileNotFoundError(errno.ENOENT, "gone")) is None
+  assert errors.environment_error(ValueError("DATA_LOSS: truncated chunk")) is None
   disk = OSError(errno.ENOSPC, "No space left on device")
   try:
     try:
@@ -209,7 +209,7 @@ def test_environment_error_classification():
     except OSError as e:
       raise ValueError("could not read array") from e
   except ValueError as wrapped:
-    assert checkpoints.environment_error(wrapped) is disk
+    assert errors.environment_error(wrapped) is disk
 
 
 def test_a_damaged_step_read_alone_is_refused_naming_the_good_ones(tmp_path, monkeypatch):
