@@ -13,8 +13,6 @@ import dataclasses
 import functools
 import logging
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -29,6 +27,7 @@ from mixer import (budget, checkpoints, config_guard, config_lib, data, errors, 
 from mixer import workdir as layout
 from mixer.evaluator import Evaluator, describe_views
 from mixer.progress import Progress, eval_line
+from mixer.stop_signal import StopSignal
 from mixer.train_step import make_train_step, new_state
 
 
@@ -84,56 +83,7 @@ def _check_and_average(pending: list[jax.Array], first: int, step: int,
   return {"train/loss": float(loss), "train/top1": float(top1), "grad_norm": float(grad_norm)}
 
 
-# With several processes, they compare their SIGTERM flags every this many steps and stop
-# together: one process stopping alone would leave the others waiting forever at the next
-# collective. SLURM's grace period after SIGTERM (KillWait) is 30 s by default.
-STOP_SYNC_STEPS = 10
 FEWSHOT = probe.FEWSHOT_PREFIX  # the splits' key of the split the few-shot probes score
-
-
-class _StopSignal:
-  """Records SIGTERM (or SIGUSR2, a scheduler's usual time-limit warning, or SIGINT: Ctrl-C)
-  so that the loop can finish its step, save and exit cleanly. A second Ctrl-C gets Python's
-  default handling (KeyboardInterrupt: abort at once, unsaved)."""
-
-  SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
-
-  def __init__(self):
-    self.received = False
-    self.name = "SIGTERM"  # of the signal received (SIGTERM when another process got one)
-    self._previous = {}
-    if threading.current_thread() is threading.main_thread():
-      # A SIGINT ignored on purpose (e.g. `nohup ... &`) stays ignored.
-      signals = [s for s in self.SIGNALS
-                 if s != signal.SIGINT or signal.getsignal(s) is not signal.SIG_IGN]
-      self._previous = {s: signal.signal(s, self._handle) for s in signals}
-
-  def _handle(self, signum, frame):
-    del frame
-    again = ""
-    if signum == signal.SIGINT:
-      signal.signal(signum, self._previous[signum] or signal.SIG_DFL)  # the next one aborts
-      again = " (Ctrl-C again to abort without saving)"
-    logging.warning("%s received: finishing the current step, then saving%s.",
-                    signal.Signals(signum).name, again)
-    self.received, self.name = True, signal.Signals(signum).name
-
-  def agreed(self, step: int) -> bool:
-    """Whether to stop after `step`. One process: once SIGTERM came. Several: every
-    STOP_SYNC_STEPS steps all processes share their flags and stop together if any has it."""
-    if jax.process_count() == 1:
-      return self.received
-    if step % STOP_SYNC_STEPS:
-      return False
-    flags = multihost_utils.process_allgather(np.int32(self.received))
-    if np.any(flags) and not self.received:
-      logging.warning("Another process received SIGTERM: stopping together after step %d.",
-                      step)
-    return bool(np.any(flags))
-
-  def restore(self):
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
 
 
 def load_initial_params(config: ml_collections.ConfigDict, model: models.MlpMixer,
@@ -435,7 +385,7 @@ class _Run:
     evaluators, step_fn = self.evaluators, self._step_fn()
     writer = writers.create_writer(self.workdir)
     progress = Progress(self.total_steps, config.batch_size)
-    stop = _StopSignal()
+    stop = StopSignal()
     state, ckpt, status = self.state, self.ckpt, "finished"
     self.result().save(self.workdir)
     pending, pending_from = [], self.start_step + 1  # device metrics not yet checked

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run_mock_train, tiny_config
-from mixer import budget, config_lib, models, train_lib
+from mixer import budget, config_lib, models, stop_signal, train_lib
 from mixer.checkpoints import Checkpoints
 
 
@@ -79,7 +79,7 @@ def test_budget_minutes_decides_once_records_and_resumes_exactly(
                    warmup_epochs=warmup_epochs)
   workdir = str(tmp_path / "budget")
   # Stopped (as by SIGTERM) after the decision: it is recorded.
-  monkeypatch.setattr(train_lib._StopSignal, "agreed", lambda self, step: step == stop_at)
+  monkeypatch.setattr(stop_signal.StopSignal, "agreed", lambda self, step: step == stop_at)
   stopped = train_lib.train_and_evaluate(tiny_config(**overrides), workdir)
   assert stopped.status == "stopped" and stopped.step == stop_at
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
@@ -99,7 +99,7 @@ def test_budget_minutes_decides_once_records_and_resumes_exactly(
 
   # The resume reads the decision and never measures (the clock would fail it).
   monkeypatch.setattr(budget, "now", lambda: pytest.fail("measured again on resume"))
-  monkeypatch.setattr(train_lib._StopSignal, "agreed", lambda self, step: False)
+  monkeypatch.setattr(stop_signal.StopSignal, "agreed", lambda self, step: False)
   resumed = train_lib.train_and_evaluate(tiny_config(**overrides), workdir)
   assert resumed.status == "finished" and resumed.step == total
   # Bit-exact with a run given total_steps: the timed steps were discarded, or were warmup

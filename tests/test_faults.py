@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, read_metrics, run_mock_train, tiny_flags
-from mixer import config_guard, train_lib
+from mixer import config_guard, stop_signal, train_lib
 from mixer import workdir as layout
 
 CONFIG = "--config=" + os.path.join(ROOT, "configs", "cifar100_ti.py:smoke")
@@ -61,7 +61,7 @@ def test_ctrl_c_saves_stops_and_the_same_command_resumes_bit_exactly(tmp_path):
 
 def test_second_ctrl_c_aborts_at_once():
   previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-  stop = train_lib._StopSignal()  # pylint: disable=protected-access
+  stop = stop_signal.StopSignal()
   try:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.05)  # the handler runs in this (main) thread at the next bytecode

@@ -12,7 +12,7 @@ import sys
 import time
 
 from conftest import ROOT, tiny_flags
-from mixer import train_lib
+from mixer import stop_signal
 
 
 def test_sigterm_finishes_step_saves_and_exits_zero(tmp_path):
@@ -89,7 +89,7 @@ def test_sigterm_to_one_of_two_srun_processes_stops_both_at_one_step_and_resumes
   stopped = [int(line.split("after step ")[1].split(",")[0]) for out in outputs
              for line in out.splitlines() if "Stopped by SIGTERM after step" in line]
   assert len(stopped) == 2 and stopped[0] == stopped[1] < 80
-  assert stopped[0] % train_lib.STOP_SYNC_STEPS == 0
+  assert stopped[0] % stop_signal.STOP_SYNC_STEPS == 0
   assert "Another process received SIGTERM" in outputs[0]
   saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
   assert saved == [stopped[0]]
