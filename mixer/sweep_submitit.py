@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from mixer import errors, sweep_runner, sweeps
+from mixer import errors, sweep_children, sweep_runner, sweeps
 
 LAUNCHERS = ("local", "slurm", "submitit_local")
 
@@ -89,7 +89,7 @@ class TrialJob:
   def __call__(self) -> dict[str, Any]:
     import submitit  # pylint: disable=g-import-not-at-top
     job = submitit.JobEnvironment()
-    self._stopper = sweep_runner.Stopper()  # not entered: submitit owns this job's signals
+    self._stopper = sweep_children.Stopper()  # not entered: submitit owns this job's signals
     self._result: dict[str, Any] = {}
     self._thread = threading.Thread(target=self._run, args=(job,), name="train.py")
     self._thread.start()
@@ -107,7 +107,7 @@ class TrialJob:
           job={"launcher": launcher, "job_id": str(job.job_id), "job_pid": os.getpid()})
       return
     # Tasks > 0 of a multi-node trial run the same train.py; task 0 keeps trial.json.
-    proc = sweep_runner.run_child(
+    proc = sweep_children.run_child(
         sweeps.trial_command(self.sweep, self.trial, self.sweep_dir),
         os.path.join(self.sweep_dir, self.trial.name, f"train.rank{job.global_rank}.log"),
         self._stopper)
@@ -158,7 +158,7 @@ def wait_for_jobs(sweep_dir: str, jobs: dict[str, Any]) -> dict[str, str]:
   job that ended without saying: 'failed'). Ctrl-C or SIGTERM cancels the jobs (their
   train.py saves first): 'stopped'."""
   statuses: dict[str, str] = {}
-  with sweep_runner.Stopper() as stopper:
+  with sweep_children.Stopper() as stopper:
     for job in jobs.values():
       stopper.add(lambda job=job: job.done() or job.cancel(check=False))
     pending = dict(jobs)

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from mixer import errors, sweep_runner, sweeps
+from mixer import errors, sweep_children, sweep_runner, sweeps
 from sweep_helpers import CONFIG, ENV, read_text, run_sweep_cli, state
 
 # Trials start with a preexec_fn, so Python forks; JAX warns when it runs threads in the
@@ -26,11 +26,11 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:Runtime
 PARENT = """
 import signal, subprocess, sys, threading, time
 sys.path.insert(0, {root!r})
-from mixer import sweep_runner
+from mixer import sweep_children
 signal.signal(signal.SIGTERM, lambda *_: None)  # as Stopper: the child must not inherit it
 
 def run():  # as run_sweep: a worker thread starts the trial and waits for it
-  child = sweep_runner.start_child([sys.executable, "-c", "import time; time.sleep(120)"])
+  child = sweep_children.start_child([sys.executable, "-c", "import time; time.sleep(120)"])
   print(child.pid, flush=True)
   child.wait()
 
@@ -96,7 +96,7 @@ def test_trial_whose_sweep_died_before_it_started_ends_itself():
   previous = signal.signal(signal.SIGTERM, lambda *_: None)
   try:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                            preexec_fn=sweep_runner.die_with_parent(parent_pid=dead_pid()))
+                            preexec_fn=sweep_children.die_with_parent(parent_pid=dead_pid()))
   finally:
     signal.signal(signal.SIGTERM, previous)
   try:
