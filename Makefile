@@ -54,4 +54,4 @@ train: setup
 
 test: setup
 	LD_PRELOAD="$(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))" \
-	  $(PY) -m pytest -q -n 2 --dist loadfile tests
+	  $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
