@@ -104,20 +104,23 @@ class MinutesPlan:
   reserve_s: float
   total_steps: int
   decided_at_step: int = 0  # steps trained (within the warmup) when the rate was measured
+  final_eval_s: float = 0.0  # paid once, at the last step (eval_split_only_at_end's test)
 
   def describe(self, batch_size: int, per_epoch: int) -> str:
     return (f"budget_minutes={self.budget_minutes:g}: measured {self.step_s * 1e3:.1f} ms/step "
-            f"({batch_size / self.step_s:.0f} img/s), {self.eval_s:.1f} s per evaluation, "
+            f"({batch_size / self.step_s:.0f} img/s), {self.eval_s:.1f} s per evaluation"
+            f"{f' (+{self.final_eval_s:.1f} s at the end)' if self.final_eval_s else ''}, "
             f"{self.elapsed_s:.0f} s spent so far -> {self.total_steps} steps "
             f"({self.total_steps / per_epoch:.1f} epochs)")
 
 
 def plan_minutes(budget_minutes: float, elapsed_s: float, step_s: float, eval_s: float,
-                 compile_s: float, eval_every: int, done_steps: int = 0) -> MinutesPlan:
+                 compile_s: float, eval_every: int, done_steps: int = 0,
+                 final_eval_s: float = 0.0) -> MinutesPlan:
   """The most steps that end the run (evaluations included) within `budget_minutes`, when
-  `done_steps` are trained and `elapsed_s` spent."""
+  `done_steps` are trained and `elapsed_s` spent; `final_eval_s` is paid once, at the end."""
   reserve = MARGIN_SECONDS + MARGIN_FRACTION * budget_minutes * 60
-  left = budget_minutes * 60 - elapsed_s - compile_s - reserve
+  left = budget_minutes * 60 - elapsed_s - compile_s - reserve - final_eval_s
   evals_done = done_steps // eval_every
   cost = lambda n: n * step_s + (count_events(done_steps + n, eval_every) - evals_done) * eval_s
   lo, hi = 0, max(int(left / step_s), 0)
@@ -130,4 +133,4 @@ def plan_minutes(budget_minutes: float, elapsed_s: float, step_s: float, eval_s:
         f"were spent before training, a step takes {step_s:.2f} s and an evaluation "
         f"{eval_s:.0f} s. Raise the budget.")
   return MinutesPlan(budget_minutes, elapsed_s, step_s, eval_s, compile_s, reserve,
-                     done_steps + lo, done_steps)
+                     done_steps + lo, done_steps, final_eval_s)

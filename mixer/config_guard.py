@@ -29,7 +29,7 @@ from mixer import workdir as layout
 BUDGET_KEY = "budget"
 OPERATIONAL_KEYS = frozenset({"data_dir", "log_every_steps", "eval_every_steps",
                               "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
-                              "fewshot_shots", "fewshot_split"})
+                              "fewshot_shots", "fewshot_split", "eval_split_only_at_end"})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
   # checkpoint and ranks sweeps. None: no validation; eval_split (test) is only reported.
   c.val_split = config_dict.placeholder(str)
   c.eval_split = "test"
+  # True: eval_split is scored only at the last step (val_split at every evaluation): the
+  # protocol of selecting on val and reporting one test number, at a fraction of the cost.
+  c.eval_split_only_at_end = False
   c.image_size = 32  # model input; images are resized on device when the data differs.
 
   c.model = ml_collections.ConfigDict()

@@ -286,6 +286,11 @@ class _Run:
           config.image_size, config.eval_batch_size, config.seed)
     return evals
 
+  @property
+  def only_at_end(self) -> tuple[str, ...]:
+    """Evaluators run only at the last step (config.eval_split_only_at_end: the test split)."""
+    return ("eval",) if self.config.eval_split_only_at_end else ()
+
   def _step_fn(self):
     return jax.jit(make_train_step(self.model, self.tx, self.config,
                                    self.splits["train"].num_classes, self.mesh),
@@ -336,10 +341,11 @@ class _Run:
     """Fixes total_steps from the measured rate (and the evaluation cost, timed on `params`),
     records it, and rebuilds the schedule for it."""
     config = self.config
-    eval_s = sum(e.seconds_per_call(params, budget.now) for e in self.evaluators.values())
+    costs = {name: e.seconds_per_call(params, budget.now) for name, e in self.evaluators.items()}
+    final_eval_s = sum(costs.pop(name) for name in self.only_at_end)
     plan = budget.plan_minutes(config.budget_minutes, budget.now() - budget.process_start(),
-                               step_s, eval_s, max(first_step_s - step_s, 0.0),
-                               config.eval_every_steps, done_steps)
+                               step_s, sum(costs.values()), max(first_step_s - step_s, 0.0),
+                               config.eval_every_steps, done_steps, final_eval_s)
     total = _from_process_zero(plan.total_steps)
     logging.info("%s.", plan.describe(config.batch_size, self.per_epoch))
     optim.check_warmup(config, total, self.per_epoch)
@@ -432,7 +438,8 @@ class _Run:
         step_eval = None
         if eval_due:
           started, params = time.time(), evaluated_params(config, state)
-          step_eval = {k: v for e in evaluators.values() for k, v in e(params).items()}
+          step_eval = {k: v for name, e in evaluators.items()
+                       if is_last or name not in self.only_at_end for k, v in e(params).items()}
           logging.info(eval_line(step, step_eval, time.time() - started))
           writer.write_scalars(step, step_eval)
           self.last_eval = step_eval

@@ -37,6 +37,23 @@ def test_minutes_plan_fits_steps_and_evaluations_in_the_budget():
   with pytest.raises(ValueError, match="leaves no time to train"):
     budget.plan_minutes(0.2, elapsed_s=10.0, step_s=0.25, eval_s=2.0, compile_s=0.0,
                         eval_every=100)
+  # A final-only evaluation of 5 s leaves 33.8 s: 119 steps and 2 evaluations take 33.75 s.
+  plan = budget.plan_minutes(1.0, elapsed_s=10.0, step_s=0.25, eval_s=2.0, compile_s=0.0,
+                             eval_every=100, final_eval_s=5.0)
+  assert plan.total_steps == 119 and plan.final_eval_s == 5.0
+  assert "(+5.0 s at the end)" in plan.describe(128, 100)
+
+
+def test_eval_split_only_at_end_scores_test_once_and_val_every_time(tmp_path):
+  from conftest import read_metrics, sliced_mock_cifar  # pylint: disable=g-import-not-at-top
+  config = tiny_config(eval_split_only_at_end=True, total_steps=6, eval_every_steps=2,
+                       train_split="train[:75%]", val_split="train[75%:]")
+  with sliced_mock_cifar():
+    result = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  rows = read_metrics(str(tmp_path / "run"))
+  assert [r["step"] for r in rows if "val/top1" in r] == [2, 4, 6]
+  assert [r["step"] for r in rows if "eval/top1" in r] == [6]
+  assert "eval/top1" in result.metrics and "val/top1" in result.metrics
 
 
 def test_budget_pflop_run_trains_that_many_steps(tmp_path, mock_cifar):
