@@ -175,12 +175,12 @@ def main() -> None:
       ("eval_every_steps=4584: 2 evaluations", full, full,
        budget.count_events(args.total_steps, 4584)),
       ("eval_every_steps >= total steps: the final evaluation only", full, full, 1),
-      (f"{evals} evaluations, test only at the last (train_lib change)", [(val, 10)], full,
-       evals),
-      (f"{evals} evaluations, 1 view before the last (train_lib change)", [(val, 1), (test, 1)],
-       full, evals),
+      (f"{evals} evaluations, test only at the last (eval_split_only_at_end=True)",
+       [(val, 10)], full, evals),
+      (f"{evals} evaluations, 1 view before the last (not implemented)",
+       [(val, 1), (test, 1)], full, evals),
       (f"{evals} evaluations, val with 1 view before the last, test only at the last "
-       "(train_lib change)", [(val, 1)], full, evals),
+       "(not implemented)", [(val, 1)], full, evals),
   ]
   print(f"\nEvaluations in the hour ({config.budget_minutes:g} min, {args.total_steps} steps; "
         f"val {val:,} + test {test:,} images; costs from the {n:,}-image calls above, plus "
