@@ -30,6 +30,7 @@ def get_config(arg=None):
   # steps are chosen from the speed measured after compilation (18 epochs on the VM below).
   config.budget_minutes = 57.0
   config.num_epochs = 18  # not used while budget_minutes is set
+  config.optimizer = "muon"  # +8 val points over AdamW at 2.2 and 6.5 epochs (see the docs)
   config.learning_rate = 4e-3
   config.weight_decay = 0.2
   config.random_erasing = 0.25
@@ -38,15 +39,17 @@ def get_config(arg=None):
   config.eval_shift = 2  # 10 test-time views: 2-pixel shifts x flips
   config.log_every_steps = 50
   config.eval_every_steps = 2292  # 6 epochs of 382 steps (and at the end)
+  config.eval_split_only_at_end = True  # test once, at the end: val at every evaluation
   config.checkpoint_every_steps = 382
   return config_lib.apply_arg(config, arg)
 
 
 def get_sweep(arg=None):
-  """AdamW (the config itself, trial 'base') against the optimizers of mixer/optim.py at their
-  documented starting points, at equal compute: run with --seeds=3 and a budget_pflop
-  (docs/cpu_hour_sweep.md gives the command, the table with intervals and the verdict)."""
+  """Muon (the config itself, trial 'base') against AdamW and the other optimizers of
+  mixer/optim.py at their documented starting points, at equal compute: run with --seeds=3
+  and a budget_pflop (docs/cpu_hour_sweep.md gives the command, the table with intervals
+  and the verdict; that table was made when AdamW was the config and Muon a trial)."""
   del arg
-  return [{}, {"optimizer": "muon"},
+  return [{}, {"optimizer": "adamw"},
           {"optimizer": "schedule_free_adamw", "weight_decay": 0.1},
           {"optimizer": "lion", "learning_rate": 1e-3, "weight_decay": 0.8}]
