@@ -118,6 +118,8 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=None)
   parser.add_argument("--reps", type=int, default=2, help="timed calls per piece")
   parser.add_argument("--trace_steps", type=int, default=1)
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. optimizer=adamw (repeatable; VALUE as JSON)")
   parser.add_argument("--out", default=None, help="optional JSON path")
   args = parser.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
@@ -125,7 +127,8 @@ def main() -> None:
   import jax_bench  # pylint: disable=g-import-not-at-top
   import timing  # pylint: disable=g-import-not-at-top
   spec = specs.SPECS[args.config]
-  config = specs.load_config(spec, args.batch_size or spec.batch_size)
+  config = specs.load_config(spec, args.batch_size or spec.batch_size,
+                             specs.parse_overrides(args.set))
   print(f"{spec.description}, batch {config.batch_size}; {jax.devices()[0].platform}, "
         f"allocator {runtime.allocator_in_use()}, XLA:CPU dots {runtime.xla_cpu_dots()}, load {os.getloadavg()[0]:.2f}", flush=True)
   bench = jax_bench.JaxBench(config, spec.num_classes, spec.num_examples(config.image_size),

@@ -6,6 +6,7 @@ its optimizer, augmentation, stochastic depth) plus the overrides that give the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import importlib.util
 import os
 from typing import Any
@@ -63,6 +64,20 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
   for part in path:
     parent = parent[part]
   parent[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+  """['model.dtype=bfloat16', 'ema_decay=0.999'] -> {key: value}; values as JSON, else strings."""
+  overrides = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+    try:
+      overrides[key] = json.loads(value)
+    except json.JSONDecodeError:
+      overrides[key] = value
+  return overrides
 
 
 def load_config(spec: Spec, batch_size: int,

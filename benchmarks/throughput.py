@@ -51,16 +51,6 @@ def _per_config(value: str | None, names: list[str], what: str) -> dict[str, int
   return out
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
-  key, sep, value = item.partition("=")
-  if not sep:
-    raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-  try:
-    return key, json.loads(value)
-  except json.JSONDecodeError:
-    return key, value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.error(f"unknown configs {unknown}; known: {', '.join(specs.SPECS)}")
   args.batch_sizes = _per_config(args.batch_size, args.names, "batch_size")
   args.step_counts = _per_config(args.steps, args.names, "steps")
-  args.overrides = dict(_parse_override(item) for item in args.set)
+  args.overrides = specs.parse_overrides(args.set)
   if args.passes < 1 or args.warmup < 1:
     parser.error("--passes and --warmup must be >= 1")
   return args
