@@ -146,3 +146,13 @@ def test_random_erasing_probability_half_erases_some():
   out = random_erasing(jax.random.key(6), images, 0.5)
   erased = np.asarray(jnp.any(out != images, axis=(1, 2, 3)))
   assert 16 < erased.sum() < 48
+
+
+def test_random_erasing_fills_boxes_with_independent_standard_normals():
+  images = _floats(64)
+  out = np.asarray(random_erasing(jax.random.key(7), images, 1.0))
+  values = out[np.asarray(jnp.any(out != images, axis=-1))].ravel()
+  assert values.size > 64 * 0.02 * 32 * 32 * 3
+  # One sample per pixel and channel (float32 normals collide now and then: ~0.2% here).
+  assert len(np.unique(values)) > 0.99 * values.size
+  assert abs(values.mean()) < 0.05 and abs(values.std() - 1.0) < 0.05
