@@ -156,3 +156,12 @@ def record_device_count(workdir: str, step: int, count: int) -> int | None:
   with open(history, "a", encoding="utf-8") as f:
     f.write(json.dumps(entry, sort_keys=True) + "\n")
   return previous if changed else None
+
+
+def warn_on_device_change(workdir: str, step: int, devices: int) -> None:
+  """Records the device count; a resume on another count is warned of (and recorded)."""
+  before = record_device_count(workdir, step, devices)
+  if before is not None:
+    logging.warning("Resuming at step %d on %d device(s), the checkpoint was written on %d: "
+                    "the resumed run will not be bit-exact with an uninterrupted one (recorded "
+                    "in %s).", step, devices, before, layout.HISTORY_FILE)

@@ -148,7 +148,8 @@ def statuses(sweep_dir: str) -> dict[str, str]:
 
 def log_end(trial_dir: str, state: Mapping[str, Any]) -> None:
   """'Trial NAME: finished (12s over 1 attempt(s), val/top1 0.5120).'"""
-  scores = {k: v for k, v in workdir.read_run(trial_dir).get("metrics", {}).items()
+  run = workdir.read_run(trial_dir)
+  scores = {k: v for k, v in (run.metrics if run else {}).items()
             if k.endswith("/top1")}
   logging.info("Trial %s: %s (%.0fs over %d attempt(s)%s).", os.path.basename(trial_dir),
                state["status"], state.get("wall_time_s") or 0, state.get("attempts") or 0,
@@ -248,8 +249,8 @@ def run_trial(sweep: sweeps.Sweep, trial: sweeps.Trial, sweep_dir: str, stopper:
       if before is not None:
         write_state(trial_dir, before)
       return dict(before or state, status="running")
-    state.update(_outcome(proc.returncode, output, stopper.requested,
-                          workdir.read_run(trial_dir).get("status")),
+    run = workdir.read_run(trial_dir)
+    state.update(_outcome(proc.returncode, output, stopper.requested, run and run.status),
                  returncode=proc.returncode, ended=_now(),
                  wall_time_s=round(state["wall_time_s"] + time.time() - start, 1))
     write_state(trial_dir, state)

@@ -42,9 +42,9 @@ def _model_from_config(trial_dir: str) -> tuple[Any, Any] | None:
 
 def trial_params(trial_dir: str) -> int | None:
   """The parameter count in the run's run.json, else counted from its config; None if unknown."""
-  num_params = workdir.read_run(trial_dir).get("num_params")
-  if num_params is not None:
-    return int(num_params)
+  run = workdir.read_run(trial_dir)
+  if run is not None:
+    return int(run.num_params)
   built = _model_from_config(trial_dir)
   if built is None:
     return None
@@ -54,7 +54,8 @@ def trial_params(trial_dir: str) -> int | None:
 
 def trial_pflop(trial_dir: str) -> float | None:
   """Training compute of the run's total_steps (run.json), in PFLOP; None before it started."""
-  total_steps = workdir.read_run(trial_dir).get("total_steps")
+  run = workdir.read_run(trial_dir)
+  total_steps = run.total_steps if run else None
   built = _model_from_config(trial_dir) if total_steps else None
   if built is None:
     return None
@@ -100,7 +101,7 @@ def trial_row(sweep_dir: str, trial: sweeps.Trial) -> dict[str, Any]:
       "trial": trial.name, **trial.overrides, "group": sweeps.group_name(trial.overrides),
       "status": status,
       # Trained to its end (whoever ran it): its final evaluation counts in the group.
-      "done": run.get("status") == "finished" and run.get("step") == run.get("total_steps"),
+      "done": bool(run) and run.status == "finished" and run.step == run.total_steps,
       "ranked_on": ("val" if split == "val" else "test") if evals else None,
       "final_step": evals[-1]["step"] if evals else None,
       "final_top1": evals[-1][metric] if evals else None,

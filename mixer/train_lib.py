@@ -31,33 +31,10 @@ from mixer.stop_signal import StopSignal
 from mixer.train_step import make_train_step, new_state
 
 
-@dataclasses.dataclass
-class RunResult:
-  """What a call of train_and_evaluate did; also written to WORKDIR/run.json (process 0).
-
-  status: 'finished' (trained to total_steps in this call), 'already_finished' (nothing to
-  do), 'stopped' (SIGTERM: saved, resumable), 'running' (only in run.json, while training),
-  'failed' (only in run.json: `error` says why). `metrics` is the last evaluation of this call.
-  """
-  status: str
-  step: int
-  total_steps: int
-  num_params: int
-  metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-  error: str | None = None
-
-  def save(self, workdir: str) -> None:
-    """WORKDIR/run.json (process 0)."""
-    if jax.process_index() == 0:
-      layout.write_run(workdir, dataclasses.asdict(self))
-
-
-def read_run(workdir: str) -> RunResult | None:
-  """WORKDIR/run.json, or None for a run that never started training (or a workdir without it)."""
-  try:
-    return RunResult(**layout.read_run(workdir))
-  except TypeError:  # {} (no run.json) or another layout
-    return None
+def _record(result: layout.RunResult, workdir: str) -> None:
+  """WORKDIR/run.json, written by process 0 only."""
+  if jax.process_index() == 0:
+    result.save(workdir)
 
 
 def evaluated_params(config: ml_collections.ConfigDict, state: Any) -> Any:
@@ -107,27 +84,6 @@ def _save_class_names(split: data.Split, workdir: str) -> None:
   if split.coarse_names:
     names["coarse_label"] = split.coarse_names
   layout.write_json_atomically(layout.path(workdir, layout.CLASS_NAMES_FILE), names)
-
-
-def _check_workdir(workdir: str) -> None:
-  """Fails fast on a workdir that cannot hold a run (before any data is read)."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise errors.WorkdirError(f"--workdir={workdir} is a file, not a directory.")
-  if jax.process_index() != 0:  # process 0 holds the lock for all
-    return
-  holder = workdir_lock.read_lock(workdir) if os.path.isdir(workdir) else None
-  if holder and workdir_lock.holder_alive(holder) and holder.get("pid") != os.getpid():
-    raise workdir_lock.WorkdirLocked(
-        f"{workdir} is in use by another train.py: {workdir_lock.describe(holder)}.")
-
-
-def _warn_on_device_change(workdir: str, step: int, devices: int) -> None:
-  """Records the device count; a resume on another count is warned of (and recorded)."""
-  before = config_guard.record_device_count(workdir, step, devices)
-  if before is not None:
-    logging.warning("Resuming at step %d on %d device(s), the checkpoint was written on %d: "
-                    "the resumed run will not be bit-exact with an uninterrupted one (recorded "
-                    "in %s).", step, devices, before, layout.HISTORY_FILE)
 
 
 def _initial_params(config: ml_collections.ConfigDict, workdir: str, num_classes: int,
@@ -184,7 +140,7 @@ def _run_length(config: ml_collections.ConfigDict, workdir: str, num_classes: in
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       allow_config_change: tuple[str, ...] = ()) -> RunResult:
+                       allow_config_change: tuple[str, ...] = ()) -> layout.RunResult:
   """Trains (or resumes) a run in `workdir` to config's end; evaluates it on the way.
 
   `allow_config_change` names run-defining config keys that may differ from the run's
@@ -199,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = parallel.make_mesh()
   parallel.check_divisible(config.batch_size // config.grad_accum_steps, mesh,
                            "batch_size // config.grad_accum_steps")
-  _check_workdir(workdir)
+  workdir_lock.check_usable(workdir, lock_holder=jax.process_index() == 0)
   changes = config_guard.check(config, workdir, allow_config_change)
   splits = {"train": data.load_split(config.dataset, config.train_split, config.data_dir)}
   if config.val_split:
@@ -226,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return dataclasses.replace(run.result(), status="already_finished")
     if jax.process_index() == 0:
       config_guard.record(config, workdir, run.start_step, changes)
-      _warn_on_device_change(workdir, run.start_step, mesh.devices.size)
+      config_guard.warn_on_device_change(workdir, run.start_step, mesh.devices.size)
       _save_class_names(splits["train"], workdir)
       metrics.truncate_jsonl(layout.path(workdir, layout.METRICS_FILE), run.start_step)
     if to_measure and not run.plan_during_warmup():
@@ -236,9 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     except BaseException as e:
       failed = dataclasses.replace(run.result(), status="failed", error=f"{type(e).__name__}: {e}")
       with contextlib.suppress(Exception):
-        failed.save(workdir)
+        _record(failed, workdir)
       raise
-    result.save(workdir)
+    _record(result, workdir)
     return result
   finally:
     lock.release()
@@ -357,8 +313,8 @@ class _Run:
     self.tx = optim.make_optimizer(config, self.schedule)
     return plan
 
-  def result(self, status: str = "running") -> RunResult:
-    return RunResult(status, int(self.step), self.total_steps, self.num_params,
+  def result(self, status: str = "running") -> layout.RunResult:
+    return layout.RunResult(status, int(self.step), self.total_steps, self.num_params,
                      {k: float(v) for k, v in self.last_eval.items()})
 
   def _restore_or_init(self) -> tuple[int, Any]:
@@ -378,7 +334,7 @@ class _Run:
       return 0, jax.jit(state_from, out_shardings=replicated)(params)
     return 0, jax.jit(create, out_shardings=replicated)()
 
-  def loop(self, lock: workdir_lock.WorkdirLock) -> RunResult:
+  def loop(self, lock: workdir_lock.WorkdirLock) -> layout.RunResult:
     """Trains from start_step to total_steps (or SIGTERM), logging, evaluating and saving."""
     config, mesh = self.config, self.mesh
     logging.info("Mixer %s: %d parameters; %d steps (%d per epoch), batch %d on %d device(s).",
@@ -393,7 +349,7 @@ class _Run:
     progress = Progress(self.total_steps, config.batch_size)
     stop = StopSignal()
     state, ckpt, status = self.state, self.ckpt, "finished"
-    self.result().save(self.workdir)
+    _record(self.result(), self.workdir)
     pending, pending_from = [], self.start_step + 1  # device metrics not yet checked
     window_start, window_time = self.start_step, time.time()  # training steps timed since
     step = self.start_step
@@ -443,7 +399,7 @@ class _Run:
           logging.info(eval_line(step, step_eval, time.time() - started))
           writer.write_scalars(step, step_eval)
           self.last_eval = step_eval
-          self.result().save(self.workdir)
+          _record(self.result(), self.workdir)
         if save_due:
           ckpt.save(step, state, metrics=step_eval if "val" in evaluators else None)
         if self.deciding and (eval_due or save_due):

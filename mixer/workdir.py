@@ -3,7 +3,7 @@
   WORKDIR/
     config.json            the resolved config (+ `budget`, a budget_minutes decision)
     config_history.jsonl   one entry per start or config change, device-count changes
-    run.json               status for sweeps and scripts (train_lib.RunResult)
+    run.json               status for sweeps and scripts (RunResult)
     metrics.jsonl          one JSON object per log/eval step (writers)
     class_names.json       label names, for predict.py and export.py
     lock.json              the live train.py that owns the workdir (workdir_lock)
@@ -17,6 +17,7 @@ of a saved config: config.json over today's defaults.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -59,19 +60,34 @@ def write_json_atomically(file: str, content: Any, **dump_args: Any) -> None:
 
 # --- run.json
 
-def read_run(workdir: str) -> dict[str, Any]:
-  """WORKDIR/run.json as written by train.py; {} before training started or when unreadable."""
+@dataclasses.dataclass
+class RunResult:
+  """WORKDIR/run.json: what a call of `train_lib.train_and_evaluate` did (or is doing).
+
+  status: 'finished' (trained to total_steps in that call), 'already_finished' (nothing to
+  do), 'stopped' (SIGTERM: saved, resumable), 'running' (only in run.json, while training),
+  'failed' (only in run.json: `error` says why). `metrics` is the call's last evaluation.
+  """
+  status: str
+  step: int
+  total_steps: int
+  num_params: int
+  metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+  error: str | None = None
+
+  def save(self, workdir: str) -> None:
+    """WORKDIR/run.json, atomically (one process should write it: train_lib's process 0)."""
+    write_json_atomically(path(workdir, RUN_FILE), dataclasses.asdict(self))
+
+
+def read_run(workdir: str) -> RunResult | None:
+  """WORKDIR/run.json; None before training started, or when missing or unreadable."""
   try:
     with open(path(workdir, RUN_FILE), encoding="utf-8") as f:
-      content = json.load(f)
-  except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-    return {}
-  return content if isinstance(content, dict) else {}
-
-
-def write_run(workdir: str, content: dict[str, Any]) -> None:
-  """WORKDIR/run.json, atomically."""
-  write_json_atomically(path(workdir, RUN_FILE), content)
+      return RunResult(**json.load(f))
+  except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError,
+          TypeError):  # TypeError: not an object, or another layout
+    return None
 
 
 # --- config.json

@@ -134,3 +134,16 @@ class WorkdirLock:
     if holder and holder.get("pid") == self.info["pid"] and holder.get("host") == self.info["host"]:
       with contextlib.suppress(FileNotFoundError):
         os.remove(self.path)
+
+
+def check_usable(workdir: str, lock_holder: bool = True) -> None:
+  """Fails fast on a workdir that cannot hold a run (before any data is read): a file, or
+  locked by another live train.py. `lock_holder`: this process takes the lock (multi-process
+  runs: process 0 only, which checks for all)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.WorkdirError(f"--workdir={workdir} is a file, not a directory.")
+  if not lock_holder:
+    return
+  holder = read_lock(workdir) if os.path.isdir(workdir) else None
+  if holder and holder_alive(holder) and holder.get("pid") != os.getpid():
+    raise WorkdirLocked(f"{workdir} is in use by another train.py: {describe(holder)}.")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, read_metrics, run_mock_train, tiny_flags
-from mixer import config_guard, stop_signal, train_lib
+from mixer import config_guard, stop_signal
 from mixer import workdir as layout
 
 CONFIG = "--config=" + os.path.join(ROOT, "configs", "cifar100_ti.py:smoke")
@@ -50,7 +50,7 @@ def test_ctrl_c_saves_stops_and_the_same_command_resumes_bit_exactly(tmp_path):
   assert proc.returncode == 0, out[-5000:]
   assert "SIGINT received" in out and "Stopped by SIGINT" in out, out[-5000:]
   assert "Traceback" not in out and "KeyboardInterrupt" not in out
-  assert train_lib.read_run(workdir).status == "stopped"
+  assert layout.read_run(workdir).status == "stopped"
   saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
   assert len(saved) == 1 and 0 < saved[0] < 200
   resumed = run_mock_train(workdir, *flags)
@@ -124,6 +124,6 @@ def test_really_full_disk_is_one_disk_full_line_and_leaves_no_partial_checkpoint
     assert "Saving the checkpoint of step 12" in errors[0]
     assert "the last complete checkpoint (step 6) is kept" in errors[0]
     assert os.listdir(ckpt_dir) == ["6"]  # no partial (checkpoints.TMP_MARKER) directory
-    assert train_lib.read_run(workdir).status == "failed"
+    assert layout.read_run(workdir).status == "failed"
   finally:
     subprocess.run(["umount", str(mount)], check=False)

@@ -98,6 +98,7 @@ def test_disk_full_at_a_save_names_the_path_and_keeps_the_last_checkpoint(mock_c
                                                                            monkeypatch):
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from mixer import checkpoints, cli_errors, train_lib  # pylint: disable=g-import-not-at-top
+  from mixer import workdir as layout  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   train_lib.train_and_evaluate(tiny_config(total_steps=6), workdir)
 
@@ -111,5 +112,5 @@ def test_disk_full_at_a_save_names_the_path_and_keeps_the_last_checkpoint(mock_c
   assert cli_errors.message(info.value).startswith(
       f"disk full: {os.path.join(workdir, 'checkpoints', '12')}")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
-  assert train_lib.read_run(workdir).status == "failed"
+  assert layout.read_run(workdir).status == "failed"
   assert not os.path.exists(os.path.join(workdir, "lock.json"))

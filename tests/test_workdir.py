@@ -24,7 +24,7 @@ def test_a_run_writes_exactly_the_layouts_names(mock_cifar, tmp_path):
                             layout.METRICS_FILE, layout.CLASS_NAMES_FILE, layout.CHECKPOINT_DIR,
                             layout.CHECKSUMS_DIR}  # the lock was released
   assert os.listdir(layout.path(workdir, layout.CHECKPOINT_DIR)) == ["2"]
-  assert layout.read_run(workdir)["status"] == "finished"
+  assert layout.read_run(workdir).status == "finished"
   assert layout.load_config(workdir).total_steps == 2
   lock = workdir_lock.WorkdirLock(workdir)
   lock.acquire()
@@ -69,15 +69,18 @@ def test_missing_or_corrupt_config_json_names_the_file(tmp_path):
 
 def test_run_json_round_trip(tmp_path):
   workdir = str(tmp_path)
-  assert layout.read_run(workdir) == {} and train_lib.read_run(workdir) is None
-  result = train_lib.RunResult("stopped", 5, 10, 1234, {"eval/top1": 0.25})
+  assert layout.read_run(workdir) is None
+  result = layout.RunResult("stopped", 5, 10, 1234, {"eval/top1": 0.25})
   result.save(workdir)
-  assert layout.read_run(workdir) == {"status": "stopped", "step": 5, "total_steps": 10,
-                                      "num_params": 1234, "metrics": {"eval/top1": 0.25},
-                                      "error": None}
-  assert train_lib.read_run(workdir) == result
+  with open(layout.path(workdir, layout.RUN_FILE), encoding="utf-8") as f:
+    assert json.load(f) == {"status": "stopped", "step": 5, "total_steps": 10,
+                            "num_params": 1234, "metrics": {"eval/top1": 0.25}, "error": None}
+  assert layout.read_run(workdir) == result
   assert not os.path.exists(layout.path(workdir, layout.RUN_FILE) + ".tmp")
   with open(layout.path(workdir, layout.RUN_FILE), "w", encoding="utf-8") as f:
     f.write('{"status": "runn')  # torn: read as absent, never an exception
-  assert layout.read_run(workdir) == {} and train_lib.read_run(workdir) is None
-  assert layout.read_run(str(tmp_path / "missing")) == {}
+  assert layout.read_run(workdir) is None
+  with open(layout.path(workdir, layout.RUN_FILE), "w", encoding="utf-8") as f:
+    json.dump({"status": "finished", "step": 3}, f)  # another layout
+  assert layout.read_run(workdir) is None
+  assert layout.read_run(str(tmp_path / "missing")) is None
