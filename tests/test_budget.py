@@ -117,13 +117,15 @@ def test_budget_minutes_decides_once_records_and_resumes_exactly(
   # The resume reads the decision and never measures (the clock would fail it).
   monkeypatch.setattr(budget, "now", lambda: pytest.fail("measured again on resume"))
   monkeypatch.setattr(stop_signal.StopSignal, "agreed", lambda self, step: False)
+  # Resumed without periodic saves (a save may change on resume; each costs ~0.2 s).
+  overrides["checkpoint_every_steps"] = 10_000
   resumed = train_lib.train_and_evaluate(tiny_config(**overrides), workdir)
   assert resumed.status == "finished" and resumed.step == total
   # Bit-exact with a run given total_steps: the timed steps were discarded, or were warmup
   # steps, whose learning rates do not depend on the length.
   plain = str(tmp_path / "plain")
   train_lib.train_and_evaluate(tiny_config(total_steps=total, eval_every_steps=1000,
-                                           checkpoint_every_steps=4,
+                                           checkpoint_every_steps=10_000,
                                            warmup_epochs=warmup_epochs), plain)
   (step_a, a), (step_b, b) = _params(workdir), _params(plain)
   assert step_a == step_b == total and a.keys() == b.keys()
