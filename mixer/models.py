@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mixer import errors, rng_streams
+from mixer import errors, layer_norm, rng_streams
 
 # size -> (hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim)
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -106,7 +106,7 @@ class MixerBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # One keep/drop decision per example, shared by all its tokens and channels.
     drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
-    y = nn.LayerNorm(epsilon=LN_EPSILON, **kw)(x)
+    y = layer_norm.LayerNorm(epsilon=LN_EPSILON, **kw)(x)
     y = MlpBlock(self.tokens_mlp_dim, self.dropout, over_tokens=True,
                  token_mixing=self.token_mixing, name="token_mixing", **kw)(y, train)
     x = x + drop_path(y, deterministic=not train)
@@ -114,7 +114,7 @@ class MixerBlock(nn.Module):
     # gradient before each weight-gradient dot (a copy plus a slower oneDNN layout); flat, the
     # Ti/4 train step ran 1.06x faster (docs/BENCHMARKS.md). Same parameters, same numbers.
     batch, tokens, channels = x.shape
-    y = nn.LayerNorm(epsilon=LN_EPSILON, **kw)(x.reshape(batch * tokens, channels))
+    y = layer_norm.LayerNorm(epsilon=LN_EPSILON, **kw)(x.reshape(batch * tokens, channels))
     y = MlpBlock(self.channels_mlp_dim, self.dropout, name="channel_mixing", **kw)(y, train)
     return x + drop_path(y.reshape(batch, tokens, channels), deterministic=not train)
 
@@ -172,7 +172,7 @@ class MlpMixer(nn.Module):
       x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dropout,
                      self.token_mixing, name=f"MixerBlock_{i}", **kw)(x, train)
       self.sow(FEATURES, f"block_{i}", x)
-    x = nn.LayerNorm(epsilon=LN_EPSILON, name="pre_head_layer_norm", **kw)(x)
+    x = layer_norm.LayerNorm(epsilon=LN_EPSILON, name="pre_head_layer_norm", **kw)(x)
     x = jnp.mean(x, axis=1)
     self.sow(FEATURES, "pre_logits", x)
     if self.num_classes == 0:
