@@ -120,11 +120,14 @@ PARTS = ("stem", "token_mixing", "channel_mixing", "LayerNorm", "pre_head_layer_
 
 def origin(name: str, hlo: dict[str, dict[str, Any]]) -> str:
   """Where an op comes from, by its source op_name: 'forward token_mixing', 'backward head',
-  'model other', 'optimizer/input/loss'."""
+  'model other', 'optimizer/input/loss', or 'no source' for ops XLA kept no op_name for
+  (e.g. the dots of mixer.layer_norm's written-out LayerNorm)."""
   info = _lookup(name, hlo)
   op_name = info["op_name"] if info else ""
+  if not op_name:
+    return "no source" if info else "other"
   if "MlpMixer" not in op_name:
-    return "optimizer/input/loss" if info else "other"
+    return "optimizer/input/loss"
   phase = "backward" if "transpose(jvp(MlpMixer" in op_name else "forward"
   part = next((p for p in PARTS if f"/{p}" in op_name), "other")
   return f"{phase} {part}"
