@@ -17,8 +17,8 @@ measured in the warmup, then ran at ~220 img/s; validation 59.90%; one view per 
 (`evaluate.py --single_view`) 59.43%. Evaluations took 111 s (3.8%). AdamW, the config before:
 56.61% in 56 min 25 s (8,901 steps, on a VM running AdamW at 380 img/s). docs/cpu_hour_sweep.md:
 the choices, every hour-long run, get_sweep()'s command and its 3-seed table.
-On a faster 2-core VM (Intel Xeon, 453 img/s, 2026-12-06) the same command chose 11,461 steps
-(30 epochs) and reached 63.80% test top-1 (61.16% one view) in 55 min 48 s.
+On a faster 2-core VM (Intel Xeon, 478 img/s, 2026-12-06) the same command chose 12,062 steps
+(31.6 epochs) and reached 63.83% test top-1 (61.53% one view) in 56 min 24 s.
 """
 from mixer import config_lib
 

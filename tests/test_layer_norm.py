@@ -29,7 +29,11 @@ def test_module_matches_flax_layer_norm(shape):
   assert jax.tree.structure(ours_init) == jax.tree.structure(theirs_init)
   assert jax.tree.all(jax.tree.map(np.array_equal, ours_init, theirs_init))
   params = {"params": {"scale": scale, "bias": bias}}
-  np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), atol=2e-6, rtol=1e-5)
+  expected = theirs.apply(params, x)
+  np.testing.assert_allclose(ours.apply(params, x), expected, atol=2e-6, rtol=1e-5)
+  # The form other backends use (autodiff) computes the same function.
+  np.testing.assert_allclose(layer_norm.reference(x, scale, bias, EPS), expected, atol=2e-6,
+                             rtol=1e-5)
   # Normalised rows: mean bias, spread scale.
   y = layer_norm.layer_norm(x, jnp.ones_like(scale), jnp.zeros_like(bias), EPS)
   np.testing.assert_allclose(jnp.mean(y, -1), 0.0, atol=1e-5)
