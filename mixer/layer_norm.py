@@ -42,7 +42,7 @@ def _normalize(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
   """LayerNorm of x's last axis with the backward pass written out (float32 in and out)."""
-  return _normalize(x, epsilon)[0] * scale + bias
+  return _forward(x, scale, bias, epsilon)[0]
 
 
 def _forward(x, scale, bias, epsilon):
