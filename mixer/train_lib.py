@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mixer import (budget, checkpoints, config_guard, config_lib, data, errors, metrics, models,
-                   optim, parallel, pretrained, probe, workdir_lock, writers)
+from mixer import (budget, checkpoints, config_guard, config_lib, data, errors, init_from,
+                   metrics, models, optim, parallel, probe, workdir_lock, writers)
 from mixer import workdir as layout
 from mixer.evaluator import Evaluator, describe_views
 from mixer.progress import Progress, eval_line
@@ -63,38 +63,12 @@ def _check_and_average(pending: list[jax.Array], first: int, step: int,
 FEWSHOT = probe.FEWSHOT_PREFIX  # the splits' key of the split the few-shot probes score
 
 
-def load_initial_params(config: ml_collections.ConfigDict, model: models.MlpMixer,
-                        mesh: jax.sharding.Mesh) -> Any:
-  """Parameters from `config.init_from` (.npz or timm .safetensors), checked and adapted."""
-  template = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
-  num_tokens = (config.image_size // model.patch_size) ** 2
-  try:
-    params = pretrained.load_pretrained(config.init_from, template, num_tokens=num_tokens)
-  except ValueError as e:
-    raise errors.ConfigError(
-        f"config.init_from={config.init_from!r} does not fit config.model "
-        f"({config.model.variant} at image_size {config.image_size}): {e}") from None
-  logging.info("Initialised from %s.", config.init_from)
-  return jax.tree.map(lambda x: parallel.put_replicated(np.asarray(x), mesh), params)
-
-
 def _save_class_names(split: data.Split, workdir: str) -> None:
   """Label names for evaluation and prediction without the dataset at hand."""
   names = {"label": split.class_names}
   if split.coarse_names:
     names["coarse_label"] = split.coarse_names
   layout.write_json_atomically(layout.path(workdir, layout.CLASS_NAMES_FILE), names)
-
-
-def _initial_params(config: ml_collections.ConfigDict, workdir: str, num_classes: int,
-                    mesh: jax.sharding.Mesh) -> Any:
-  """config.init_from's parameters, loaded and checked before the workdir is created (a bad
-  file creates nothing); None without init_from or when the run has checkpoints to resume."""
-  ckpt_dir = layout.path(workdir, layout.CHECKPOINT_DIR)
-  if not config.init_from or (os.path.isdir(ckpt_dir) and any(
-      name.isdigit() for name in os.listdir(ckpt_dir))):
-    return None
-  return load_initial_params(config, models.build_model(config, num_classes), mesh)
 
 
 def _from_process_zero(value: int) -> int:
@@ -168,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   total_steps, to_measure = _run_length(config, workdir, splits["train"].num_classes, per_epoch)
   if not to_measure:
     optim.check_warmup(config, total_steps, per_epoch)
-  initial_params = _initial_params(config, workdir, splits["train"].num_classes, mesh)
+  initial_params = init_from.params_for_new_run(config, workdir, splits["train"].num_classes, mesh)
   os.makedirs(workdir, exist_ok=True)  # only once the data loaded: a typo creates nothing
   lock = workdir_lock.WorkdirLock(workdir)
   if jax.process_index() == 0:
@@ -330,7 +304,7 @@ class _Run:
     if config.init_from:
       params = self.initial_params
       if params is None:  # checkpoints were there, but none could be restored
-        params = load_initial_params(config, self.model, self.mesh)
+        params = init_from.load_params(config, self.model, self.mesh)
       return 0, jax.jit(state_from, out_shardings=replicated)(params)
     return 0, jax.jit(create, out_shardings=replicated)()
 
