@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cpu_env
 from mixer import data, evaluator, models, parallel
 
 
@@ -145,7 +145,7 @@ def test_two_devices_give_the_reference_metrics_each_on_its_own_examples():
   """Batch 24 over 2 devices: 12 examples each, whose views (120 rows with 10 views, or
   chunks of 2 examples x 10 views) never leave their device: the only collective is the
   all-reduce of the metric sums, and no array holds the 240 view rows of the whole batch."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = cpu_env(2)
   proc = subprocess.run([sys.executable, "-c", TWO_DEVICES], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, read_metrics, run_mock_train, tiny_flags
+from conftest import ROOT, cpu_env, read_metrics, run_mock_train, tiny_flags
 from mixer import config_guard, stop_signal
 from mixer import workdir as layout
 
@@ -38,8 +38,7 @@ def test_ctrl_c_saves_stops_and_the_same_command_resumes_bit_exactly(tmp_path):
   proc = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "tests", "mock_train.py"), CONFIG,
        f"--workdir={workdir}", *flags],
-      env=dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+      env=cpu_env(1),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
       # As from a terminal: pytest-xdist's workers ignore SIGINT, and an ignored SIGINT is
       # inherited (train.py keeps it ignored, as under nohup).

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cpu_env
 from mixer import models
 
 
@@ -91,8 +91,7 @@ print("ok")
 
 def test_features_of_a_batch_split_over_two_devices():
   """Jitted on a batch sharded over 2 (fake CPU) devices: sharded alike, the same numbers."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = cpu_env(2)
   proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

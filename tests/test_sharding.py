@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cpu_env
 
 # Widths chosen so that no two of batch (64), per-device batch (8), hidden (48), tokens (16)
 # and classes (100) coincide: a shape in the HLO text then says which it is.
@@ -46,8 +46,7 @@ print(json.dumps({"devices": len(mesh.devices.flat), "token_mixing": model.token
 
 def compiled_hlo(tmp_path, token_mixing):
   path = tmp_path / "step.hlo.txt"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = cpu_env(8)
   proc = subprocess.run([sys.executable, "-c", SCRIPT, token_mixing, str(path)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

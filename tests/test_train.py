@@ -10,8 +10,8 @@ import flax
 import numpy as np
 import pytest
 
-from conftest import (ROOT, METADATA_DIR, MOCK_EXAMPLES, metric_at, read_metrics, run_mock_train,
-                      tiny_config, tiny_flags)
+from conftest import (ROOT, METADATA_DIR, MOCK_EXAMPLES, cpu_env, metric_at, read_metrics,
+                      run_mock_train, tiny_config, tiny_flags)
 from mixer import checkpoints, config_lib, data, errors, models, train_lib
 
 REQUIRED_TRAIN = ("train/loss", "train/top1", "lr", "grad_norm", "img_per_sec")
@@ -121,7 +121,7 @@ def test_two_processes_match_one(baseline, tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env(1)
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "tests", "mock_train.py"),
        "--config=" + os.path.join(ROOT, "configs", "cifar100_ti.py:smoke"), f"--workdir={workdir}",

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, tiny_flags
+from conftest import ROOT, cpu_env, tiny_flags
 from mixer import stop_signal
 
 
@@ -40,8 +40,7 @@ def test_sigterm_finishes_step_saves_and_exits_zero(tmp_path):
 def _slurm_env(port, process_id):
   """The environment srun gives task `process_id` of 2 on one node; JAX's SLURM detection
   derives the coordinator's port from the job id (61440 + id % 4096)."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              SLURM_JOB_ID=str(port - 61440), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+  return cpu_env(1, SLURM_JOB_ID=str(port - 61440), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
               SLURM_STEP_NUM_TASKS="2", SLURM_PROCID=str(process_id),
               SLURM_LOCALID=str(process_id), SLURM_NODEID="0")
 
