@@ -43,7 +43,6 @@ Restoring a step (`restore`) raises
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
@@ -51,14 +50,13 @@ import shutil
 import time
 from typing import Any
 
-import flax
 import jax
 from etils import epath
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from mixer import checkpoint_manifest, errors, parallel, pretrained
+from mixer import checkpoint_manifest, errors, parallel, param_trees
 from mixer import workdir as layout
 
 BEST_METRIC = "val/top1"  # only runs with a validation split have a "best" step
@@ -184,8 +182,8 @@ class Checkpoints:
                                      "holds no parameters ('params'): it is not a training "
                                      "state saved by train.py.")
       expected = model_params(saved_params) if callable(model_params) else model_params
-      check_param_shapes(saved_params, expected,
-                         f"The checkpoint at step {step} in {self.directory}")
+      param_trees.check_shapes(saved_params, expected,
+                               f"The checkpoint at step {step} in {self.directory}")
     if target is None:
       replicated = parallel.replicated(parallel.make_mesh())
       target = jax.tree.map(
@@ -377,35 +375,3 @@ class Checkpoints:
   def close(self) -> None:
     self._finish_saved_steps()
     self.manager.close()
-
-
-def _by_module(keys: set[str]) -> str:
-  counts = collections.Counter(key.split("/")[0] for key in keys)
-  return ", ".join(f"{module} ({n} array{'s' if n > 1 else ''})"
-                   for module, n in sorted(counts.items()))
-
-
-def check_param_shapes(params: Any, expected: Any, where: str) -> None:
-  """Raises CheckpointError naming the parameters missing, extra or of another shape.
-
-  `params` and `expected`: nested dicts of anything with a `.shape` (arrays, metadata).
-  """
-  got = flax.traverse_util.flatten_dict(params, sep="/")
-  want = flax.traverse_util.flatten_dict(expected, sep="/")
-  missing, extra, misshaped = pretrained.tree_diff(got, want)
-  first = lambda key: (key.startswith("MixerBlock_"), key)  # stem, head, norm before the blocks
-  shapes = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(want[k].shape)}"
-            for k in sorted(misshaped, key=first)]
-  problems = []
-  if missing:
-    problems.append(f"Missing from the checkpoint: {_by_module(set(missing))}")
-  if extra:
-    problems.append(f"Not in the model: {_by_module(set(extra))}")
-  if shapes:
-    shown = "; ".join(shapes[:8]) + (f"; and {len(shapes) - 8} more" if len(shapes) > 8 else "")
-    problems.append(f"Of another shape ({len(shapes)}): {shown}")
-  if problems:
-    raise errors.CheckpointError(
-        f"{where} does not match the model built from the run's config. "
-        f"{'. '.join(problems)}. Was {layout.CONFIG_FILE} edited, the model changed on "
-        "resume, or the checkpoint copied from another run?")

@@ -48,7 +48,7 @@ import flax
 import jax
 import numpy as np
 
-from mixer import errors, timm_format
+from mixer import errors, param_trees, timm_format
 
 PathOrFlat = str | os.PathLike | Mapping[str, Any]
 
@@ -245,17 +245,6 @@ def _head(flat: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict[s
               else np.asarray(jax.device_get(template[k]))) for k in wanted}
 
 
-def tree_diff(got: Mapping[str, Any], want: Mapping[str, Any],
-              ignore: frozenset[str] = frozenset()) -> tuple[list[str], list[str], list[str]]:
-  """Flat parameter trees compared: keys of `want` missing from `got`, keys of `got` not in
-  `want`, and shared keys whose shapes differ (each sorted; `ignore`d keys skipped)."""
-  missing = sorted(k for k in want if k not in got and k not in ignore)
-  extra = sorted(k for k in got if k not in want and k not in ignore)
-  misshaped = sorted(k for k in want.keys() & got.keys() if k not in ignore
-                     and tuple(np.shape(got[k])) != tuple(want[k].shape))
-  return missing, extra, misshaped
-
-
 def load_pretrained(path_or_flat: PathOrFlat, template_params: Any, *,
                     num_tokens: int | None = None) -> Any:
   """Params shaped like `template_params`, filled from a published-layout checkpoint.
@@ -290,7 +279,7 @@ def load_pretrained(path_or_flat: PathOrFlat, template_params: Any, *,
     factor, why = _token_factor(flat, tokens, tokens_mlp_dim)
     if why:
       problems.append(why)
-  missing, extra, _ = tree_diff(flat, template, ignore=frozenset(HEAD_KEYS))
+  missing, extra, _ = param_trees.diff(flat, template, ignore=frozenset(HEAD_KEYS))
   if missing:
     problems.append(f"missing from the checkpoint: {', '.join(missing)}")
   if extra:
