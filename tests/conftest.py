@@ -22,8 +22,8 @@ jax.devices()  # XLA reads XLA_FLAGS once, here: this process keeps the default 
 # Child processes (train.py, sweeps, multi-device scripts) run models of a few thousand
 # parameters for a few steps: they are compile-bound, and LLVM -O0 cuts XLA:CPU's compile of the
 # train step by a third (3.5 -> 2.4 s; a 6-step tiny run 10.8 -> 8.9 s). Same HLO, same oneDNN
-# dots; the fused elementwise loops are unoptimised and can differ in the last bit (no FMA
-# contraction). What compares numbers with the kernels users run stays in this process.
+# dots; the fused elementwise loops are unoptimised, and their results can differ in the last
+# bit. What compares numbers with the kernels users run stays in this process.
 CHILD_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), CHILD_XLA_FLAGS]))
 
@@ -32,6 +32,8 @@ def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
   """The environment of a child process on `devices` fake CPU devices (and `extra`)."""
   return dict(os.environ, JAX_PLATFORMS="cpu", **extra,
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CHILD_XLA_FLAGS}")
+
+
 METADATA_DIR = os.path.join(ROOT, "tests", "tfds_metadata")
 MOCK_EXAMPLES = 128
 

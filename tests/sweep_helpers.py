@@ -3,11 +3,11 @@ import os
 import subprocess
 import sys
 
-from conftest import CHILD_XLA_FLAGS, ROOT
+from conftest import ROOT, cpu_env
 from mixer import sweep_runner
 
 CONFIG = os.path.join(ROOT, "configs", "cifar100_ti.py:smoke")
-ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {CHILD_XLA_FLAGS}"}
+ENV = {key: cpu_env(1)[key] for key in ("JAX_PLATFORMS", "XLA_FLAGS")}  # of every trial
 
 
 def run_sweep_cli(*args, timeout=120):
